@@ -1,0 +1,19 @@
+"""decode-var: multi-scale next-scale-prediction models and a numerically safe 6-channel loss for DECODE.
+
+Public entry points:
+
+- :func:`decode_var.param.load_param`: DECODE-format param files with the plugin's ``VAR:`` section.
+- :mod:`decode_var.backend`: the one seam to DECODE (``decode`` when real DECODE 0.10 is importable,
+  ``builtin`` otherwise).
+- :mod:`decode_var.registry`: models and losses by name; :func:`register_with_decode`.
+"""
+__version__ = "0.1.0"
+
+CHANNELS = ("p", "phot", "x", "y", "z", "bg")
+
+
+def register_with_decode():
+    """Add decode-var's models and losses to DECODE's namespaces (see :mod:`decode_var.registry`)."""
+    from .registry import register_with_decode as _register
+
+    return _register()

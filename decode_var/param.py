@@ -1,0 +1,339 @@
+"""Load, fill, validate and save DECODE-format param files with the plugin's ``VAR:`` section.
+
+Loading follows DECODE 0.10 (``decode.utils.param_io``): the user's file is filled with the
+reference defaults key by key, unknown keys of DECODE's sections are kept, and the derived
+``Scaling`` values are set as DECODE's ``autoset_scaling`` does. On top of that every value the
+plugin reads is validated, and every problem is one :class:`~decode_var.errors.ParamError` that
+names the key and the fix.
+
+The loaded object is a :class:`Param` namespace (``param.HyperParameter.batch_size``), which is
+what DECODE's own ``parse(param)`` classmethods expect.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ParamError
+
+#: Sections in which unknown keys are errors (the plugin owns them).
+STRICT_SECTIONS = ("VAR",)
+
+
+class ParamKeyError(ParamError, AttributeError):
+    """A key that is read does not exist (an AttributeError too, so ``getattr(p, k, default)`` works)."""
+
+
+class Param:
+    """Attribute-access view of a nested dict (DECODE's ``RecursiveNamespace`` convention)."""
+
+    def __init__(self, _path: str = "", **entries):
+        object.__setattr__(self, "_path", _path)
+        for key, value in entries.items():
+            object.__setattr__(self, key, self._wrap(value, f"{_path}.{key}" if _path else key))
+
+    @staticmethod
+    def _wrap(value, path):
+        if isinstance(value, dict):
+            return Param(path, **value)
+        return value
+
+    def __getattr__(self, key):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        where = self._path or "the param file"
+        raise ParamKeyError(f"{where} has no key '{key}'. Add it to the param file "
+                            f"(see param/reference.yaml for every key and its default).")
+
+    def __setattr__(self, key, value):
+        object.__setattr__(self, key, self._wrap(value, f"{self._path}.{key}" if self._path else key))
+
+    def __contains__(self, key):
+        return key in self.__dict__ and key != "_path"
+
+    def keys(self):
+        return [k for k in self.__dict__ if k != "_path"]
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default) if key != "_path" else default
+
+    def to_dict(self) -> dict:
+        out = {}
+        for k in self.keys():
+            v = self.__dict__[k]
+            out[k] = v.to_dict() if isinstance(v, Param) else copy.deepcopy(v)
+        return out
+
+    def __repr__(self):
+        return f"Param({self.to_dict()!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Param) and self.to_dict() == other.to_dict()
+
+
+def load_reference() -> dict:
+    """The reference defaults shipped with the package (``decode_var/reference.yaml``)."""
+    text = resources.files("decode_var").joinpath("reference.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(str(key), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_type(path: str, value, ref) -> None:
+    """The user's value must have the reference's kind (number, bool, str, list, section)."""
+    if ref is None or value is None:
+        return
+    if isinstance(ref, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif _is_number(ref):
+        ok, kind = _is_number(value), "a number"
+    elif isinstance(ref, str):
+        # some string keys also take a list (e.g. VAR.loss.channel_weights: preset or 6 numbers)
+        ok, kind = isinstance(value, (str, list)), "a name"
+    elif isinstance(ref, list):
+        ok, kind = isinstance(value, (list, tuple)) or _is_number(value), "a list"
+    elif isinstance(ref, dict):
+        ok, kind = isinstance(value, dict), "a section (mapping)"
+    else:
+        return
+    if not ok:
+        raise ParamError(f"{path} must be {kind}, got {value!r} ({type(value).__name__}). "
+                         f"The default is {ref!r}.")
+
+
+def autofill(user: dict, reference: dict, path: str = "") -> dict:
+    """Fill ``user`` with the reference's keys, recursively; keep unknown keys of DECODE sections.
+
+    Unknown keys inside :data:`STRICT_SECTIONS` raise :class:`ParamError` with the nearest name.
+    """
+    out = {}
+    strict = path.split(".")[0] in STRICT_SECTIONS if path else False
+    for key, value in user.items():
+        if key not in reference:
+            where = f"{path}.{key}" if path else str(key)
+            if strict:
+                raise ParamError(f"Unknown key {where}.{_suggest(key, reference)} "
+                                 f"Known keys of {path}: {', '.join(map(str, reference))}.")
+            if not path and not isinstance(value, (dict, str, type(None))):
+                raise ParamError(f"Top-level key '{key}' must be a section, got {value!r}.")
+            out[key] = copy.deepcopy(value)
+    for key, ref in reference.items():
+        where = f"{path}.{key}" if path else key
+        if key in user:
+            value = user[key]
+            if isinstance(ref, dict) and value is None:
+                value = {}
+            _check_type(where, value, ref)
+            if isinstance(ref, dict) and ref:
+                out[key] = autofill(value, ref, where)
+            else:
+                out[key] = copy.deepcopy(value)
+        else:
+            out[key] = copy.deepcopy(ref)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ParamError(f"Param file {path} does not exist. Start from param/var_quickstart.yaml.")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ParamError(f"Param file {path} must end in .yaml, .yml or .json.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamError(f"Param file {path} cannot be read ({err}). Check the path and permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamError(f"Param file {path} is not valid YAML{where}: "
+                         f"{getattr(err, 'problem', err)}. Fix the syntax (indentation, colons).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamError(f"Param file {path} must hold sections (a mapping), got {type(data).__name__}.")
+    return data
+
+
+def load_param(path: Union[str, Path], overrides: dict | None = None) -> Param:
+    """Read a param file, fill defaults, derive ``Scaling``, validate. Raises :class:`ParamError`."""
+    data = _read_yaml(Path(path))
+    return param_from_dict(data, overrides=overrides, source=str(path))
+
+
+def param_from_dict(data: dict, overrides: dict | None = None, source: str = "param") -> Param:
+    """Same as :func:`load_param`, from a dict (tests, programmatic use)."""
+    if not isinstance(data, dict):
+        raise ParamError(f"{source} must be a mapping of sections, got {type(data).__name__}.")
+    data = copy.deepcopy(data)
+    if overrides:
+        _deep_update(data, overrides)
+    if "VAR" in data and data["VAR"] is None:
+        data["VAR"] = {}
+    filled = autofill(data, load_reference())
+    param = Param(**filled)
+    autoset_scaling(param)
+    validate(param)
+    return param
+
+
+def _deep_update(d: dict, u: dict) -> None:
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = copy.deepcopy(v)
+
+
+def autoset_scaling(param: Param) -> Param:
+    """Derive empty ``Scaling`` values the way DECODE's ``autoset_scaling`` does."""
+    sim, sc = param.Simulation, param.Scaling
+    mu_sig = _pair(sim.intensity_mu_sig, "Simulation.intensity_mu_sig")
+    bg = sim.bg_uniform
+    bg_lo, bg_hi = _pair(bg, "Simulation.bg_uniform") if isinstance(bg, (list, tuple)) else (bg, bg)
+    if not _is_number(bg_lo) or not _is_number(bg_hi):
+        raise ParamError(f"Simulation.bg_uniform must be a number or [low, high] (photons / px), got {bg!r}.")
+    ext = sim.emitter_extent
+    _extent(ext, "Simulation.emitter_extent", n_axes=3)
+    _require(mu_sig[0] > 0 and mu_sig[1] >= 0, f"Simulation.intensity_mu_sig must be [mean > 0, sd >= 0] photons, "
+             f"got {list(mu_sig)}. Negative photons are not physical.")
+    if sc.input_scale is None:
+        sc.input_scale = mu_sig[0] / 50
+    if sc.phot_max is None:
+        sc.phot_max = mu_sig[0] + 8 * mu_sig[1]
+    if sc.z_max is None:
+        sc.z_max = ext[2][1] * 1.2
+    if sc.input_offset is None:
+        sc.input_offset = (bg_lo + bg_hi) / 2
+    if sc.bg_max is None:
+        sc.bg_max = bg_hi * 1.2
+    return param
+
+
+def _pair(value, key) -> tuple:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)):
+        raise ParamError(f"{key} must be two numbers [a, b], got {value!r}.")
+    return float(value[0]), float(value[1])
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ParamError(msg)
+
+
+def _extent(value, key, n_axes=2) -> None:
+    _require(isinstance(value, (list, tuple)) and len(value) >= n_axes,
+             f"{key} must list [[x0, x1], [y0, y1], ...], got {value!r}.")
+    for axis, name in zip(value[:n_axes], "xyz"):
+        lo, hi = _pair(axis, f"{key} ({name})")
+        _require(hi > lo, f"{key} ({name}) must have upper > lower, got {axis!r}.")
+
+
+def validate(param: Param) -> None:
+    """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix."""
+    from .scales import ScaleSchedule
+
+    sim, cam, hp, var = param.Simulation, param.Camera, param.HyperParameter, param.VAR
+    img = sim.img_size
+    _require(isinstance(img, (list, tuple)) and len(img) == 2 and all(_is_number(v) and int(v) == v and v >= 4 for v in img),
+             f"Simulation.img_size must be two integers >= 4 (px), got {img!r}.")
+    _extent(sim.psf_extent, "Simulation.psf_extent")
+    mu, sig = _pair(sim.intensity_mu_sig, "Simulation.intensity_mu_sig")
+    _require(mu > 0 and sig >= 0, f"Simulation.intensity_mu_sig must be [mean > 0, sd >= 0] photons, got {[mu, sig]}. "
+             "Negative photons are not physical.")
+    bg = sim.bg_uniform if isinstance(sim.bg_uniform, (list, tuple)) else [sim.bg_uniform, sim.bg_uniform]
+    _require(all(_is_number(b) and b >= 0 for b in bg) and bg[1] >= bg[0],
+             f"Simulation.bg_uniform must be >= 0 photons / px with low <= high, got {sim.bg_uniform!r}.")
+    _require(_is_number(sim.emitter_av) and sim.emitter_av >= 0,
+             f"Simulation.emitter_av must be a number >= 0 (emitters per frame), got {sim.emitter_av!r}.")
+    _require(_is_number(sim.lifetime_avg) and sim.lifetime_avg > 0,
+             f"Simulation.lifetime_avg must be > 0 frames, got {sim.lifetime_avg!r}.")
+    for key in ("qe", "e_per_adu", "read_sigma", "spur_noise", "baseline"):
+        v = getattr(cam, key)
+        _require(_is_number(v) and v >= 0, f"Camera.{key} must be a number >= 0, got {v!r}.")
+    _require(0 < cam.qe <= 1, f"Camera.qe must be in (0, 1], got {cam.qe!r}.")
+    _require(cam.e_per_adu > 0, f"Camera.e_per_adu must be > 0, got {cam.e_per_adu!r}.")
+    _require(cam.em_gain is None or (_is_number(cam.em_gain) and cam.em_gain > 0),
+             f"Camera.em_gain must be > 0, or empty for an sCMOS camera, got {cam.em_gain!r}.")
+    px = cam.px_size
+    _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_number(v) and v > 0 for v in px),
+             f"Camera.px_size must be two numbers > 0 (nm per px), got {px!r}.")
+    _require(hp.channels_in in (1, 3), f"HyperParameter.channels_in must be 1 or 3 (frame window), got {hp.channels_in!r}.")
+    ch_out = hp.get("channels_out")
+    _require(ch_out in (None, 6), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]) or empty, got {ch_out!r}.")
+    for key in ("batch_size", "pseudo_ds_size"):
+        v = getattr(hp, key)
+        _require(_is_number(v) and int(v) == v and v >= 1, f"HyperParameter.{key} must be an integer >= 1, got {v!r}.")
+    _require(_is_number(hp.epochs) and int(hp.epochs) == hp.epochs and hp.epochs >= 0,
+             f"HyperParameter.epochs must be an integer >= 0, got {hp.epochs!r}.")
+    roi = hp.target_roi_size
+    _require(_is_number(roi) and int(roi) == roi and roi >= 1 and roi % 2 == 1,
+             f"HyperParameter.target_roi_size must be an odd integer >= 1 (cells), got {roi!r}.")
+    _require(hp.optimizer in ("Adam", "AdamW"), f"HyperParameter.optimizer must be Adam or AdamW, got {hp.optimizer!r}.")
+    _require(isinstance(hp.opt_param, Param) and _is_number(hp.opt_param.get("lr")) and hp.opt_param.lr > 0,
+             f"HyperParameter.opt_param.lr must be a number > 0, got {hp.opt_param!r}.")
+    scheds = ("cosine", "StepLR", "ReduceLROnPlateau")
+    _require(hp.learning_rate_scheduler in scheds,
+             f"HyperParameter.learning_rate_scheduler must be one of {scheds}, got {hp.learning_rate_scheduler!r}."
+             + _suggest(hp.learning_rate_scheduler, scheds))
+    _require(_is_number(param.PostProcessingParam.raw_th) and 0 < param.PostProcessingParam.raw_th < 1,
+             f"PostProcessingParam.raw_th must be in (0, 1), got {param.PostProcessingParam.raw_th!r}.")
+    _require(param.PostProcessing in (None, "SpatialIntegration", "LookUp"),
+             f"PostProcessing must be SpatialIntegration, LookUp or empty, got {param.PostProcessing!r}.")
+    ev = param.Evaluation
+    _require(ev.match_dims in (2, 3), f"Evaluation.match_dims must be 2 or 3, got {ev.match_dims!r}.")
+    for key in ("dist_lat", "dist_ax"):
+        v = getattr(ev, key)
+        _require(_is_number(v) and v > 0, f"Evaluation.{key} must be > 0 nm, got {v!r}.")
+    for key in ("input_scale", "phot_max", "z_max", "bg_max"):
+        v = getattr(param.Scaling, key)
+        _require(_is_number(v) and v > 0 and math.isfinite(v),
+                 f"Scaling.{key} must be > 0 (derived from Simulation when empty), got {v!r}. "
+                 f"Set it, or fix the Simulation values it is derived from.")
+    _require(var.backend in ("auto", "decode", "builtin"),
+             f"VAR.backend must be auto, decode or builtin, got {var.backend!r}.")
+    _require(var.psf in ("gaussian", "spline"), f"VAR.psf must be gaussian or spline, got {var.psf!r}.")
+    _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
+    ScaleSchedule(img, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
+    g = var.gaussian_psf
+    for key in ("sigma_0", "rl_range"):
+        v = getattr(g, key)
+        _require(v > 0, f"VAR.gaussian_psf.{key} must be > 0, got {v!r}.")
+    _require(isinstance(var.seed, int) and not isinstance(var.seed, bool) and var.seed >= 0,
+             f"VAR.seed must be an integer >= 0, got {var.seed!r}.")
+    tf = var.teacher_forcing
+    for key in ("start", "end"):
+        v = getattr(tf, key)
+        _require(0 <= v <= 1, f"VAR.teacher_forcing.{key} must be a probability in [0, 1], got {v!r}.")
+    _require(tf.epochs >= 0, f"VAR.teacher_forcing.epochs must be >= 0, got {tf.epochs!r}.")
+    tr = var.train
+    _require(tr.grad_clip >= 0, f"VAR.train.grad_clip must be >= 0 (0 = off), got {tr.grad_clip!r}.")
+    _require(tr.max_nonfinite_in_row >= 1,
+             f"VAR.train.max_nonfinite_in_row must be >= 1, got {tr.max_nonfinite_in_row!r}.")
+    _require(tr.warmup_epochs >= 0, f"VAR.train.warmup_epochs must be >= 0, got {tr.warmup_epochs!r}.")
+    _require(tr.eval_every >= 1, f"VAR.train.eval_every must be >= 1, got {tr.eval_every!r}.")
+    if var.psf == "spline" and not param.InOut.calibration_file:
+        raise ParamError("VAR.psf is spline but InOut.calibration_file is empty. Set it to your SMAP spline "
+                         "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")
+
+
+def save_param(path: Union[str, Path], param: Union[Param, dict]) -> None:
+    """Write a param file atomically (a crash leaves the old file or the new one, never half)."""
+    from .atomic import atomic_write_text
+
+    data = param.to_dict() if isinstance(param, Param) else param
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
