@@ -97,7 +97,7 @@ class AdaptiveChannelWeights:
 
     def __init__(self, initial: str | Sequence[float] = "recommended", interval: int = 10, window: int = 5,
                  up_ratio: float = 0.95, down_ratio: float = 0.8, up: float = 1.1, down: float = 0.9,
-                 weight_min: float = 0.1, weight_max: float = 10.0, renormalise: bool = True, enabled: bool = True):
+                 weight_min: float = 0.1, weight_max: float = 5.0, renormalise: bool = True, enabled: bool = True):
         self.interval = _check_int("adaptive_interval", interval)
         self.window = _check_int("adaptive_window", window)
         self.up_ratio = _check_float("adaptive_up_ratio", up_ratio, low=0.0, low_open=True)

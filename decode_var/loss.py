@@ -113,7 +113,7 @@ class PPXYZBLoss:
         channel_weights: preset name (:data:`~decode_var.channel_weights.PRESETS`) or 6 numbers.
         n_scales: number of output scales K (``len(VAR.scales)``).
         scale_schedule: ``'var'``, ``'warmup'`` or ``'none'`` (see :mod:`decode_var.progressive`).
-        start_scales, stage_epochs, stage_warmup_epochs: the ``'var'`` schedule.
+        start_scales, stage_epochs, stage_warmup: the ``'var'`` schedule.
         warmup_epochs: the ``'warmup'`` schedule.
         forward_safety: check shapes in every forward (cheap; DECODE's flag of the same name).
     """
@@ -122,8 +122,8 @@ class PPXYZBLoss:
 
     def __init__(self, pos_weight: float = 2.0, xyz_loss: str = "mse", smooth_l1_beta: float = 0.1,
                  channel_weights: str | Sequence[float] = "recommended", n_scales: int = 1,
-                 scale_schedule: str = "var", start_scales: int = 1, stage_epochs: float = 20,
-                 stage_warmup_epochs: float = 5, warmup_epochs: float = 20, forward_safety: bool = True):
+                 scale_schedule: str = "warmup", start_scales: int = 1, stage_epochs: float = 5,
+                 stage_warmup: float = 2, warmup_epochs: float = 20, forward_safety: bool = True):
         # 1. terms
         self.pos_weight = _positive("pos_weight", pos_weight)
         if xyz_loss not in _XYZ_LOSSES:
@@ -135,7 +135,7 @@ class PPXYZBLoss:
         # 3. scale weights
         self.schedule: ScaleWeightSchedule = build_schedule(
             scale_schedule, n_scales, start_scales=start_scales, stage_epochs=stage_epochs,
-            stage_warmup_epochs=stage_warmup_epochs, warmup_epochs=warmup_epochs)
+            stage_warmup=stage_warmup, warmup_epochs=warmup_epochs)
         self.forward_safety = forward_safety
         self.epoch: float = 0.0
         self._scale_weights = self.schedule.weights(0)
@@ -155,7 +155,7 @@ class PPXYZBLoss:
         scales = _get(var, "scales", None)
         kwargs = {"n_scales": len(scales) if scales else 1}
         for key in ("pos_weight", "xyz_loss", "smooth_l1_beta", "scale_schedule", "start_scales", "stage_epochs",
-                    "stage_warmup_epochs", "warmup_epochs"):
+                    "stage_warmup", "warmup_epochs"):
             value = _get(section, key, None)
             if value is not None:
                 kwargs[key] = value
@@ -392,7 +392,7 @@ class AdaptivePPXYZBLoss(PPXYZBLoss):
 
     def __init__(self, *, adaptive: bool = True, adaptive_interval: int = 10, adaptive_window: int = 5,
                  adaptive_up_ratio: float = 0.95, adaptive_down_ratio: float = 0.8, adaptive_up: float = 1.1,
-                 adaptive_down: float = 0.9, weight_min: float = 0.1, weight_max: float = 10.0,
+                 adaptive_down: float = 0.9, weight_min: float = 0.1, weight_max: float = 5.0,
                  renormalise: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.adaptive = AdaptiveChannelWeights(

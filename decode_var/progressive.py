@@ -20,13 +20,13 @@ Three schedules (``VAR.loss.scale_schedule``):
     active scale and ``t_s = (s - start_scales + 1) * stage_epochs`` the epoch it was added::
 
         w_k = 1                                                       k <  s
-        w_s = max(0.01, min(1, (epoch - t_s) / stage_warmup_epochs))  (VAR's prog_wp, pgwp)
+        w_s = max(0.01, min(1, (epoch - t_s) / stage_warmup))  (VAR's prog_wp, pgwp)
         w_k = 0                                                       k >  s
 
     As in VAR, the scales active from the start are not ramped (the first stage has no
     progressive warm-up). Unlike VAR, the finest scale is ramped too when it is added: VAR's
     trainer switches progressive weighting off at its last stage, which gives that scale full
-    weight at once. ``stage_warmup_epochs = 0`` adds every scale at full weight.
+    weight at once. ``stage_warmup = 0`` adds every scale at full weight.
 
 ``'warmup'`` (the decode-var emitter work)
     All scales are active; coarse scales start weak and reach full weight after
@@ -92,13 +92,13 @@ class VARProgressiveSchedule(ScaleWeightSchedule):
         n_scales: number of output scales K.
         start_scales: scales active at epoch 0 (VAR's ``pg0 + 1``), 1 .. K.
         stage_epochs: epochs between two added scales (> 0).
-        stage_warmup_epochs: epochs over which an added scale ramps from 0.01 to 1 (VAR's ``pgwp``).
+        stage_warmup: epochs over which an added scale ramps from 0.01 to 1 (VAR's ``pgwp``).
     """
 
     name = "var"
 
-    def __init__(self, n_scales: int, start_scales: int = 1, stage_epochs: float = 20,
-                 stage_warmup_epochs: float = 5):
+    def __init__(self, n_scales: int, start_scales: int = 1, stage_epochs: float = 5,
+                 stage_warmup: float = 2):
         super().__init__(n_scales)
         if (isinstance(start_scales, bool) or not isinstance(start_scales, numbers.Integral)
                 or not 1 <= start_scales <= n_scales):
@@ -106,7 +106,7 @@ class VARProgressiveSchedule(ScaleWeightSchedule):
                              f"number of scales ({n_scales}).")
         self.start_scales = int(start_scales)
         self.stage_epochs = _number("stage_epochs", stage_epochs, low=0, low_open=True)
-        self.stage_warmup_epochs = _number("stage_warmup_epochs", stage_warmup_epochs, low=0)
+        self.stage_warmup = _number("stage_warmup", stage_warmup, low=0)
 
     def stage(self, epoch: float) -> int:
         """Index of the finest active scale at ``epoch``."""
@@ -118,8 +118,8 @@ class VARProgressiveSchedule(ScaleWeightSchedule):
         w = [1.0] * (s + 1) + [0.0] * (self.n_scales - s - 1)
         if s >= self.start_scales:  # an added scale, not one of those active from the start
             added_at = (s - self.start_scales + 1) * self.stage_epochs
-            if self.stage_warmup_epochs > 0:
-                w[s] = max(MIN_RAMP_WEIGHT, min(1.0, (epoch - added_at) / self.stage_warmup_epochs))
+            if self.stage_warmup > 0:
+                w[s] = max(MIN_RAMP_WEIGHT, min(1.0, (epoch - added_at) / self.stage_warmup))
         return w
 
     def n_active(self, epoch: float) -> int:
@@ -127,7 +127,7 @@ class VARProgressiveSchedule(ScaleWeightSchedule):
 
     def config(self) -> dict:
         return {**super().config(), "start_scales": self.start_scales, "stage_epochs": self.stage_epochs,
-                "stage_warmup_epochs": self.stage_warmup_epochs}
+                "stage_warmup": self.stage_warmup}
 
 
 class WarmupScaleWeights(ScaleWeightSchedule):
@@ -157,14 +157,20 @@ class WarmupScaleWeights(ScaleWeightSchedule):
 SCHEDULES = {"none": ConstantScaleWeights, "var": VARProgressiveSchedule, "warmup": WarmupScaleWeights}
 
 
-def build_schedule(name: str, n_scales: int, *, start_scales: int = 1, stage_epochs: float = 20,
-                   stage_warmup_epochs: float = 5, warmup_epochs: float = 20) -> ScaleWeightSchedule:
-    """The schedule called ``name`` (``'none'``, ``'var'``, ``'warmup'``); unused arguments are ignored."""
+def build_schedule(name: str, n_scales: int, *, start_scales: int = 1, stage_epochs: float = 5,
+                   stage_warmup: float = 2, warmup_epochs: float = 20) -> ScaleWeightSchedule:
+    """The schedule called ``name`` (``'none'``, ``'var'``, ``'warmup'``).
+
+    Every argument is validated, also those the chosen schedule does not use, so a bad value in
+    the param file is reported before someone switches schedules.
+    """
+    VARProgressiveSchedule(n_scales, start_scales=start_scales, stage_epochs=stage_epochs, stage_warmup=stage_warmup)
+    WarmupScaleWeights(n_scales, warmup_epochs=warmup_epochs)
     if name == "none":
         return ConstantScaleWeights(n_scales)
     if name == "var":
         return VARProgressiveSchedule(n_scales, start_scales=start_scales, stage_epochs=stage_epochs,
-                                      stage_warmup_epochs=stage_warmup_epochs)
+                                      stage_warmup=stage_warmup)
     if name == "warmup":
         return WarmupScaleWeights(n_scales, warmup_epochs=warmup_epochs)
     raise ParamError(f"VAR.loss.scale_schedule = {name!r} is unknown; choose one of {sorted(SCHEDULES)}.")
