@@ -42,7 +42,8 @@ class GreedyHungarianMatching:
         dist_vol: 3D limit in nm; None = no limit.
 
     A pair exactly at a limit is still allowed (DECODE rules out ``dist > limit``). Ties in distance are
-    broken by the lower output index, then the lower target index, as DECODE's argmin does.
+    broken by the position in the frame's emitter list (output first, then target), as DECODE's argmin does;
+    that list is ordered by ``torch.sort(frame_ix)`` like DECODE's ``split_in_frames``.
     """
 
     def __init__(self, *, match_dims: int = 3, dist_lat: Optional[float] = 250.0, dist_ax: Optional[float] = 500.0,
@@ -115,7 +116,8 @@ class GreedyHungarianMatching:
         out_nm, tar_nm = output.xyz_nm, target.xyz_nm
 
         tp, fp, fn, tp_match = [], [], [], []
-        # Grouping by sorting keeps each frame's emitters in their original order, like split_in_frames.
+        # Within a frame, emitters are taken in the order of torch.sort(frame_ix) (not stable), because that
+        # is how DECODE splits sets into frames; the order decides ties and the order of the results.
         out_groups = _group_by_frame(output.frame_ix)
         tar_groups = _group_by_frame(target.frame_ix)
         for f in sorted(set(out_groups) | set(tar_groups)):
@@ -154,7 +156,7 @@ def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _group_by_frame(frame_ix: torch.Tensor) -> dict:
     if frame_ix.numel() == 0:
         return {}
-    order = torch.sort(frame_ix, stable=True).indices
+    order = torch.sort(frame_ix).indices
     frames, counts = torch.unique_consecutive(frame_ix[order], return_counts=True)
     return {int(f): ix for f, ix in zip(frames.tolist(), torch.split(order, counts.tolist()))}
 

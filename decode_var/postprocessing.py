@@ -22,7 +22,7 @@ from .emitters import EmitterSet
 from .errors import ParamError, ShapeError
 
 __all__ = ["LookUpPostProcessing", "SpatialIntegration", "NoPostProcessing", "post_processing_from_param",
-           "bin_centres"]
+           "parse", "bin_centres"]
 
 
 def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: Sequence[int]):
@@ -254,3 +254,20 @@ def post_processing_from_param(param, img_shape: Optional[Sequence[int]] = None)
     if name not in _PP_CLASSES:
         raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
     return _PP_CLASSES[name].parse(param, img_shape=img_shape)
+
+
+def parse(param, scale=None):
+    """Post-processing for the output grid ``scale`` (a :class:`decode_var.scales.Scale`), or None.
+
+    None when ``param.PostProcessing`` is empty (DECODE then fits no emitters). Without ``scale`` the
+    finest of ``VAR.scales`` on ``TestSet`` is used (see :func:`post_processing_from_param`).
+    """
+    name = getattr(param, "PostProcessing", None)
+    if name is None or name == "":
+        return None
+    if name not in _PP_CLASSES:
+        raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
+    if scale is None:
+        return _PP_CLASSES[name].parse(param)
+    return _PP_CLASSES[name](raw_th=param.PostProcessingParam.raw_th, xy_unit="px", px_size=param.Camera.px_size,
+                             xextent=scale.xextent, yextent=scale.yextent, img_shape=scale.img_shape)

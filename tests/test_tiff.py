@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from decode_var.backend import decode_available
+from decode_var.errors import InputDataError
+from decode_var.tiff import TiffStack, window_batches, window_indices
+
+
+def _frames(t=10, h=12, w=9, dtype=np.uint16):
+    return (np.arange(t * h * w) % 1000).reshape(t, h, w).astype(dtype)
+
+
+WRITERS = {
+    "plain": dict(),
+    "imagej": dict(imagej=True),
+    "no_meta": dict(metadata=None),
+    "zlib": dict(compression="zlib"),
+    "big_endian": dict(byteorder=">"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+def test_reads_what_was_written(tmp_path, kind):
+    a = _frames()
+    tifffile.imwrite(tmp_path / "s.tif", a, **WRITERS[kind])
+    with TiffStack(tmp_path / "s.tif") as s:
+        assert len(s) == 10 and s.shape == (10, 12, 9)
+        out = s.read(3, 7)
+        assert out.dtype == np.float32 and out.shape == (4, 12, 9)
+        np.testing.assert_array_equal(out, a[3:7].astype(np.float32))
+        np.testing.assert_array_equal(s[-1], a[-1])
+        np.testing.assert_array_equal(s.read(), a)
+        assert s.read(5, 5).shape == (0, 12, 9)
+        assert (s._offset is None) == (kind == "zlib")  # contiguous files are memory-mapped
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_dtypes_and_single_frame(tmp_path, dtype):
+    a = _frames(1, 5, 6, dtype)[0]
+    tifffile.imwrite(tmp_path / "one.tif", a)
+    s = TiffStack(tmp_path / "one.tif")
+    assert s.shape == (1, 5, 6)
+    np.testing.assert_array_equal(s.read(0, 1)[0], a.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", sorted(WRITERS))
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
+def test_truncated(tmp_path, kind, keep):
+    tifffile.imwrite(tmp_path / "s.tif", _frames(), **WRITERS[kind])
+    data = (tmp_path / "s.tif").read_bytes()
+    (tmp_path / "t.tif").write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(InputDataError, match="t.tif.*(truncated|corrupt)"):
+        TiffStack(tmp_path / "t.tif").read()
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputDataError, match="does not exist"):
+        TiffStack(tmp_path / "missing.tif")
+    with pytest.raises(InputDataError, match="not a file"):
+        TiffStack(tmp_path)
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(InputDataError, match="empty"):
+        TiffStack(tmp_path / "empty.tif")
+    (tmp_path / "junk.tif").write_bytes(b"this is not a tiff" * 20)
+    with pytest.raises(InputDataError, match="junk.tif is not a readable TIFF"):
+        TiffStack(tmp_path / "junk.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InputDataError, match="2D grayscale"):
+        TiffStack(tmp_path / "rgb.tif")
+    tifffile.imwrite(tmp_path / "tc.tif", np.zeros((3, 2, 8, 8), np.uint16), imagej=True, metadata={"axes": "TCYX"})
+    with pytest.raises(InputDataError, match=r"\(T, H, W\)"):
+        TiffStack(tmp_path / "tc.tif")
+    tifffile.imwrite(tmp_path / "t1.tif", np.ones((3, 1, 8, 8), np.uint16), imagej=True, metadata={"axes": "TCYX"})
+    assert TiffStack(tmp_path / "t1.tif").shape == (3, 8, 8)  # a singleton channel is fine
+
+
+def _expected_window(frames, i, window):
+    half = window // 2
+    return np.stack([frames[min(max(j, 0), len(frames) - 1)] for j in range(i - half, i + half + 1)])
+
+
+@pytest.mark.parametrize("window,batch", [(3, 4), (1, 3), (5, 2), (3, 100)])
+def test_window_batches_replicate_ends(tmp_path, window, batch):
+    a = _frames(7, 4, 5)
+    tifffile.imwrite(tmp_path / "s.tif", a)
+    for source in (TiffStack(tmp_path / "s.tif"), torch.from_numpy(a.astype(np.float32)), a):
+        got = list(window_batches(source, batch, frame_window=window))
+        ix = torch.cat([g[0] for g in got])
+        assert ix.tolist() == list(range(7))
+        frames = torch.cat([g[1] for g in got])
+        assert frames.dtype == torch.float32 and frames.shape == (7, window, 4, 5)
+        for i in range(7):
+            np.testing.assert_array_equal(frames[i].numpy(), _expected_window(a, i, window))
+
+
+def test_window_batches_range_and_errors():
+    a = np.random.default_rng(0).random((9, 3, 3)).astype(np.float32)
+    got = list(window_batches(a, 2, start=6))
+    assert [g[0].tolist() for g in got] == [[6, 7], [8]]
+    np.testing.assert_array_equal(got[-1][1][0].numpy(), a[[7, 8, 8]])
+    with pytest.raises(ValueError):
+        next(window_batches(a, 2, frame_window=2))
+    with pytest.raises(ValueError):
+        next(window_batches(a, 0))
+    assert window_indices(torch.tensor([0, 8]), 9, 5).tolist() == [[0, 0, 0, 1, 2], [6, 7, 8, 8, 8]]
+
+
+@pytest.mark.decode
+@pytest.mark.skipif(not decode_available(), reason="real DECODE 0.10 is not importable")
+@pytest.mark.parametrize("window", [1, 3, 5])
+def test_windows_same_as_decode_inference_dataset(window):
+    from decode.neuralfitter.dataset import InferenceDataset
+
+    frames = torch.rand(6, 4, 5, generator=torch.Generator().manual_seed(0))
+    ds = InferenceDataset(frames=frames, frame_proc=None, frame_window=window)
+    ours = torch.cat([f for _, f in window_batches(frames, 4, frame_window=window)])
+    assert len(ds) == len(ours)
+    for i in range(len(ds)):
+        assert torch.equal(ds[i], ours[i])
