@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 import decode.evaluation.evaluation as _d_eval
+import decode.neuralfitter.coord_transform as _d_coord
+import decode.neuralfitter.loss as _d_loss
+import decode.neuralfitter.models as _d_models
 import decode.evaluation.match_emittersets as _d_match
 import decode.generic.emitter as _d_emitter
 import decode.neuralfitter.post_processing as _d_post
@@ -113,10 +116,14 @@ class DecodeBackend(Backend):
         if param.PostProcessing is None:
             return None
         if param.PostProcessing == "LookUp":
-            pp = _d_post.LookUpPostProcessing(raw_th=th, xy_unit="px", px_size=px)
+            pp = _d_post.LookUpPostProcessing(raw_th=th, xy_unit="px", px_size=px, pphotxyzbg_mapping=[0, 1, 2, 3, 4, 5],
+                                              photxyz_sigma_mapping=None)
         else:
-            pp = _d_post.SpatialIntegration(raw_th=th, xy_unit="px", px_size=px)
-        return _PostAdapter(pp, self)
+            pp = _d_post.SpatialIntegration(raw_th=th, xy_unit="px", px_size=px, pphotxyzbg_mapping=[0, 1, 2, 3, 4, 5],
+                                            photxyz_sigma_mapping=None)
+        offset2coord = _d_coord.Offset2Coordinate(xextent=scale.xextent, yextent=scale.yextent,
+                                                  img_shape=scale.img_shape)
+        return _PostAdapter(pp, offset2coord, self)
 
     def matcher(self, param):
         ev = param.Evaluation
@@ -143,11 +150,15 @@ class DecodeBackend(Backend):
 
 
 class _PostAdapter:
-    def __init__(self, pp, backend):
-        self.pp, self.backend = pp, backend
+    """DECODE's chain after the rescale: Offset2Coordinate, then LookUp / SpatialIntegration."""
+
+    def __init__(self, pp, offset2coord, backend):
+        self.pp, self.offset2coord, self.backend = pp, offset2coord, backend
 
     def forward(self, output_N6HW: torch.Tensor) -> EmitterSet:
-        return self.backend.to_builtin(self.pp.forward(output_N6HW))
+        # DECODE's post-processing works in place: give it a copy
+        coords = self.offset2coord.forward(output_N6HW.clone())
+        return self.backend.to_builtin(self.pp.forward(coords))
 
 
 class _MatchAdapter:
@@ -157,3 +168,38 @@ class _MatchAdapter:
     def forward(self, output: EmitterSet, target: EmitterSet):
         b = self.backend
         return tuple(b.to_builtin(e) for e in self.matcher.forward(b.to_native(output), b.to_native(target)))
+
+
+def decode_models() -> dict:
+    """DECODE's models as ``HyperParameter.architecture`` names them."""
+    from decode.neuralfitter.models import model_param
+
+    return {"SigmaMUNet": _d_models.SigmaMUNet, "DoubleMUnet": model_param.DoubleMUnet,
+            "SimpleSMLMNet": model_param.SimpleSMLMNet}
+
+
+def decode_losses() -> dict:
+    """DECODE's losses; ``PPXYZBLoss`` is DECODE's, ``PPXYZB`` decode-var's."""
+    return {"GaussianMMLoss": _GaussianMMLoss, "PPXYZBLoss": _d_loss.PPXYZBLoss}
+
+
+class _GaussianMMLoss(_d_loss.GaussianMMLoss):
+    """DECODE's GaussianMMLoss with the ``parse(param)`` its live_engine builds inline."""
+
+    @classmethod
+    def parse(cls, param):
+        return cls(xextent=param.Simulation.psf_extent[0], yextent=param.Simulation.psf_extent[1],
+                   img_shape=param.Simulation.img_size, device=param.Hardware.device,
+                   chweight_stat=param.HyperParameter.chweight_stat)
+
+
+def add_to_decode_namespaces(models: dict, losses: dict) -> list:
+    added = []
+    for name, cls in models.items():
+        setattr(_d_models, name, cls)
+        added.append(f"decode.neuralfitter.models.{name}")
+    for name, cls in losses.items():
+        setattr(_d_loss, name, cls)
+        setattr(_d_loss, getattr(cls, "__name__", name), cls)
+        added.append(f"decode.neuralfitter.loss.{name}")
+    return added

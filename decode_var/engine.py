@@ -1,0 +1,473 @@
+"""The training engine: one loop, its devices, logging, checkpoints.
+
+One training step = simulate a batch (seeded by epoch and step), build the per-scale targets,
+forward, loss, finite check, backward, gradient clip, optimizer step. Per epoch: test loss and
+localization metrics on a fixed seeded test set, adaptive channel-weight update, checkpoint,
+``training_curves.png``.
+
+Resuming is exact on the CPU: every random draw of epoch ``e`` step ``s`` comes from seeds
+derived from ``(VAR.seed, e, s)``, and the checkpoint holds the model, optimizer, LR schedule,
+loss state (adaptive weights, schedule) and history, so 2 + 2 epochs give the weights of 4.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .backend import get_backend
+from .errors import DecodeVarError
+from .scales import ScaleSchedule
+from .simulation import FrameScale
+from .targets import MultiScaleTargets, TargetRescale
+
+CHANNELS = ("p", "phot", "x", "y", "z", "bg")
+
+
+class TrainingDiverged(DecodeVarError, RuntimeError):
+    """Too many non-finite batches in a row; the last good checkpoint is intact."""
+
+
+class TrainingInterrupted(DecodeVarError, KeyboardInterrupt):
+    """SIGINT / SIGTERM: a checkpoint was written; resume with the printed command."""
+
+    def __init__(self, msg: str, exp_dir: Optional[Path] = None):
+        super().__init__(msg)
+        self.exp_dir = exp_dir
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class WarmupCosine:
+    """Linear warm-up over ``warmup_epochs`` then cosine decay to ``min_factor`` at ``epochs`` (per epoch)."""
+
+    def __init__(self, optimizer, epochs: int, warmup_epochs: int = 0, min_factor: float = 0.01):
+        self.optimizer, self.epochs, self.warmup, self.min_factor = optimizer, max(int(epochs), 1), warmup_epochs, min_factor
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def factor(self, epoch: int) -> float:
+        if self.warmup and epoch < self.warmup:
+            return (epoch + 1) / (self.warmup + 1)
+        t = min(max(epoch - self.warmup, 0) / max(self.epochs - self.warmup, 1), 1.0)
+        return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    def _apply(self):
+        for g, lr in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = lr * self.factor(self.last_epoch)
+
+    def step(self, *_):
+        self.last_epoch += 1
+        self._apply()
+
+    def state_dict(self):
+        return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state):
+        self.last_epoch = int(state["last_epoch"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
+def build_lr_scheduler(param, optimizer):
+    hp = param.HyperParameter
+    kw = hp.learning_rate_scheduler_param.to_dict() if hasattr(hp.learning_rate_scheduler_param, "to_dict") else {}
+    if hp.learning_rate_scheduler == "cosine":
+        return WarmupCosine(optimizer, hp.epochs, param.VAR.train.warmup_epochs, **kw)
+    if hp.learning_rate_scheduler == "StepLR":
+        kw.setdefault("step_size", 10)
+        return torch.optim.lr_scheduler.StepLR(optimizer, **kw)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kw)
+
+
+def teacher_forcing_prob(param, epoch: int) -> float:
+    tf = param.VAR.teacher_forcing
+    if tf.epochs <= 0:
+        return float(tf.end)
+    t = min(epoch / tf.epochs, 1.0)
+    return float(tf.start + (tf.end - tf.start) * t)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    test_loss: float
+    components: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    channel_weights: list = field(default_factory=list)
+    scale_weights: list = field(default_factory=list)
+    active_scales: int = 0
+    teacher_forcing: float = 0.0
+    lr: float = 0.0
+    skipped_batches: int = 0
+    seconds: float = 0.0
+
+
+class SixChannelTask:
+    """Data, loss and post-processing for 6-channel models (VARMultiScale + AdaptivePPXYZB, ...)."""
+
+    def __init__(self, param, backend, model, loss):
+        self.param, self.backend, self.model, self.loss = param, backend, model, loss
+        self.schedule = ScaleSchedule.parse(param)
+        self.targets = MultiScaleTargets.parse(param, backend)
+        self.rescale = TargetRescale.parse(param)
+        self.post = backend.post_processing(param, self.schedule.finest)
+
+    def make_targets(self, batch, n):
+        return self.targets(batch.em, batch.bg_NHW, n)
+
+    def train_forward(self, frames, tgt, n_active):
+        targets, weights = tgt
+        out = self.model(frames, targets=targets[:n_active], n_active=n_active)
+        return self.loss(out, targets, weights), out
+
+    def physical_output(self, frames) -> torch.Tensor:
+        """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1)."""
+        out = self.model(frames)
+        return self.rescale.inverse(out.float(), self.schedule.finest.cell_size)
+
+    def postprocess(self, out_phys):
+        return self.post.forward(out_phys) if self.post is not None else None
+
+    def nonfinite_report(self, out, tgt):
+        return self.loss.nonfinite_report(out, tgt[0][:len(out)], tgt[1][:len(out)])
+
+
+class Trainer:
+    """Builds every part from the param and runs the epochs.
+
+    Args:
+        param: loaded :class:`~decode_var.param.Param`.
+        exp_dir: experiment folder (model.pt, ckpt.pt, param copies, history, plots).
+        device: torch device string.
+        log: write the history / TensorBoard logs.
+    """
+
+    def __init__(self, param, exp_dir: Path, device: str = "cpu", log: bool = True, tb_dir: Optional[Path] = None,
+                 progress: bool = True):
+        from .registry import build_loss, build_model
+
+        self.param, self.exp_dir, self.device, self.log_enabled = param, Path(exp_dir), torch.device(device), log
+        self.progress = progress
+        hp, var = param.HyperParameter, param.VAR
+        self.backend = get_backend(var.backend)
+        torch.manual_seed(var.seed)
+        self.model = build_model(param).to(self.device)
+        self.loss = build_loss(param)
+        self.task = self.backend.make_task(param, self.model, self.loss) if hasattr(self.backend, "make_task") \
+            and not isinstance(self.loss, _six_channel_losses()) else SixChannelTask(param, self.backend, self.model,
+                                                                                      self.loss)
+        opt_cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[hp.optimizer]
+        self.optimizer = opt_cls(self.model.parameters(), **param.HyperParameter.opt_param.to_dict())
+        self.lr_scheduler = build_lr_scheduler(param, self.optimizer)
+        self.simulator = self.backend.simulator(param)
+        self.frame_scale = FrameScale.parse(param)
+        self.matcher = self.backend.matcher(param)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.nonfinite_total = 0
+        self._stop_requested = 0
+        self._partial: Optional[dict] = None  # progress inside an epoch, for a mid-epoch checkpoint
+        self._test = None
+        self.tb = None
+        if log and tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(tb_dir))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt_io.FORMAT,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "loss": self.loss.state_dict() if hasattr(self.loss, "state_dict") else {},
+            "history": self.history,
+            "nonfinite_total": self.nonfinite_total,
+            "partial_epoch": self._partial,
+            "param": self.param.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("loss") and hasattr(self.loss, "load_state_dict"):
+            self.loss.load_state_dict(state["loss"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state.get("history", []))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self._partial = state.get("partial_epoch")
+
+    def save(self) -> None:
+        ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
+        ckpt_io.save_model(self.exp_dir / "model.pt", self.model, self.param)
+
+    # ------------------------------------------------------------------------------ data
+    def _batch(self, n: int, seed: int):
+        batch = self.simulator.sample(n, seed)
+        frames = self.frame_scale(batch.frames_NCHW).to(self.device)
+        tgt = self.task.make_targets(batch, n)
+        tgt = _to_device(tgt, self.device)
+        return batch, frames, tgt
+
+    def test_set(self):
+        if self._test is None:
+            n = self.param.TestSet.test_size
+            self._test = self._batch(n, derive_seed(self.param.VAR.test_seed, 0))
+        return self._test
+
+    # ------------------------------------------------------------------------------ loop
+    def fit(self, epochs: Optional[int] = None) -> list[dict]:
+        """Train until ``epochs`` (default ``HyperParameter.epochs``) have been completed."""
+        epochs = self.param.HyperParameter.epochs if epochs is None else epochs
+        with _graceful_stop(self):
+            while self.epoch < epochs:
+                entry = self.train_epoch()
+                self.history.append(entry)
+                self.epoch += 1
+                self.save()
+                self._log_epoch(entry)
+                if self._stop_requested:
+                    raise TrainingInterrupted(f"stopped after epoch {self.epoch}; checkpoint written", self.exp_dir)
+        return self.history
+
+    def _set_epoch_state(self):
+        e = self.epoch
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(e)
+        tf = teacher_forcing_prob(self.param, e)
+        if hasattr(self.model, "teacher_forcing"):
+            self.model.teacher_forcing = tf
+        return tf
+
+    def train_epoch(self) -> dict:
+        """One epoch (or the rest of one, after a mid-epoch resume). Returns its history entry."""
+        hp, var = self.param.HyperParameter, self.param.VAR
+        t0 = time.perf_counter()
+        tf = self._set_epoch_state()
+        n_active = getattr(self.loss, "active_scales", None)
+        steps = max(hp.pseudo_ds_size // hp.batch_size, 1)
+        part = self._partial or {"step": 0, "sums": None, "n_ok": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
+        self._partial = None
+        self.model.train()
+        bar = _progress(range(part["step"], steps), f"epoch {self.epoch}", self.progress)
+        for step in bar:
+            torch.manual_seed(derive_seed(var.seed, self.epoch, step, 1))  # teacher-forcing coins, dropout
+            _, frames, tgt = self._batch(hp.batch_size, derive_seed(var.seed, self.epoch, step, 2))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_val, out = self.task.train_forward(frames, tgt, n_active)
+            loss = loss_val.mean()
+            reason = None
+            if not torch.isfinite(loss):
+                reason = "loss: " + "; ".join(self.task.nonfinite_report(out, tgt) or ["non-finite"])
+            else:
+                loss.backward()
+                clip = var.train.grad_clip if var.train.grad_clip > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                if not torch.isfinite(gnorm):
+                    reason = "gradient norm is not finite"
+            part["step"] = step + 1
+            if reason is not None:
+                part["skipped"] += 1
+                part["in_row"] += 1
+                self.nonfinite_total += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                _warn(f"epoch {self.epoch} step {step}: skipped batch ({reason})")
+                if part["in_row"] >= var.train.max_nonfinite_in_row:
+                    raise TrainingDiverged(
+                        f"{part['in_row']} non-finite batches in a row (epoch {self.epoch}, step {step}); last: "
+                        f"{reason}. Training stopped; the last good checkpoint {self.exp_dir / 'ckpt.pt'} is intact. "
+                        "Lower the learning rate or VAR.train.grad_clip, or check the simulation parameters.")
+            else:
+                part["in_row"] = 0
+                self.optimizer.step()
+                _, comp = self.loss.log(loss_val)
+                vec = [float(loss.detach())] + [comp.get(c, 0.0) for c in CHANNELS]
+                part["sums"] = vec if part["sums"] is None else [a + b for a, b in zip(part["sums"], vec)]
+                part["n_ok"] += 1
+                if hasattr(bar, "set_postfix") and step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self._stop_requested and part["step"] < steps:
+                part["seconds"] += time.perf_counter() - t0
+                self._partial = part
+                ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
+                raise TrainingInterrupted(f"stopped in epoch {self.epoch} after step {step}; checkpoint written",
+                                          self.exp_dir)
+        n_ok = part["n_ok"]
+        mean = [v / max(n_ok, 1) for v in part["sums"]] if part["sums"] is not None else [float("nan")] * 7
+        train_components = dict(zip(CHANNELS, mean[1:]))
+        entry = EpochLog(epoch=self.epoch, train_loss=mean[0], test_loss=float("nan"),
+                         teacher_forcing=tf, active_scales=n_active or 1,
+                         lr=self.optimizer.param_groups[0]["lr"], skipped_batches=part["skipped"])
+        if (self.epoch + 1) % var.train.eval_every == 0 or self.epoch + 1 >= hp.epochs:
+            test_loss, comp, metrics = self.evaluate()
+            entry.test_loss, entry.components, entry.metrics = test_loss, comp, metrics
+        if hasattr(self.loss, "update_epoch") and n_ok:
+            self.loss.update_epoch(train_components)
+        if hasattr(self.loss, "channel_weights"):
+            entry.channel_weights = [float(w) for w in self.loss.channel_weights]
+        entry.scale_weights = [float(w) for w in getattr(self.loss, "scale_weights", [])]
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(entry.test_loss if math.isfinite(entry.test_loss) else entry.train_loss)
+        else:
+            self.lr_scheduler.step()
+        entry.seconds = part["seconds"] + time.perf_counter() - t0
+        return entry.__dict__
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64):
+        """Test loss (all active scales), its components, and localization metrics of the finest scale."""
+        batch, frames, tgt = self.test_set()
+        n = frames.size(0)
+        n_active = getattr(self.loss, "active_scales", None)
+        self.model.train()
+        tf_saved = getattr(self.model, "teacher_forcing", None)
+        if tf_saved is not None:
+            self.model.teacher_forcing = 0.0
+        losses, comps = [], []
+        for i in range(0, n, batch_size):
+            sl = slice(i, i + batch_size)
+            loss_val, _ = self.task.train_forward(frames[sl], _slice(tgt, sl), n_active)
+            total, comp = self.loss.log(loss_val)
+            losses.append(total * (min(n, i + batch_size) - i))
+            comps.append(comp)
+        if tf_saved is not None:
+            self.model.teacher_forcing = tf_saved
+        test_loss = sum(losses) / n
+        components = {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in comps[0]}
+        self.model.eval()
+        outs = [self.task.physical_output(frames[i:i + batch_size]).cpu() for i in range(0, n, batch_size)]
+        self.model.train()
+        out_phys = torch.cat(outs, 0)
+        metrics = localization_metrics(self.task, self.backend, self.matcher, out_phys, batch,
+                                       self.param.HyperParameter.emitter_label_photon_min)
+        return test_loss, components, metrics
+
+    # ------------------------------------------------------------------------------ logging
+    def _log_epoch(self, entry: dict) -> None:
+        if not self.log_enabled:
+            return
+        from .atomic import atomic_write_text
+
+        atomic_write_text(self.exp_dir / "history.json", json.dumps(self.history, indent=1, default=float))
+        m = entry.get("metrics", {})
+        if self.progress:
+            print(f"epoch {entry['epoch']}: train {entry['train_loss']:.4f} test {entry['test_loss']:.4f} "
+                  f"jac {m.get('jac', float('nan')):.3f} rmse_lat {m.get('rmse_lat', float('nan')):.1f} nm "
+                  f"effcy_lat {m.get('effcy_lat', float('nan')):.3f} scales {entry['active_scales']} "
+                  f"tf {entry['teacher_forcing']:.2f} chw {[round(w, 2) for w in entry['channel_weights']]} "
+                  f"skipped {entry['skipped_batches']} ({entry['seconds']:.0f} s)", flush=True)
+        if self.tb is not None:
+            e = entry["epoch"]
+            self.tb.add_scalar("learning/train_loss", entry["train_loss"], e)
+            self.tb.add_scalar("learning/test_loss", entry["test_loss"], e)
+            for k, v in {**entry["components"], **m}.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"eval/{k}", v, e)
+        if self.param.VAR.train.plot:
+            from .plots import plot_training_curves
+
+            plot_training_curves(self.history, self.exp_dir / "training_curves.png")
+
+
+def localization_metrics(task, backend, matcher, out_phys, batch, photon_min) -> dict:
+    """Post-process, match against the test set's emitters, compute DECODE's metrics."""
+    em_out = task.postprocess(out_phys)
+    if em_out is None:
+        return {}
+    gt = batch.em
+    if photon_min is not None and len(gt):
+        gt = gt[gt.phot >= photon_min]
+    tp, fp, fn, tp_match = matcher.forward(em_out, gt)
+    metrics = backend.evaluate(tp, fp, fn, tp_match)
+    metrics["n_pred"], metrics["n_gt"] = len(em_out), len(gt)
+    return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
+
+
+def _six_channel_losses():
+    from .loss import PPXYZBLoss
+
+    return (PPXYZBLoss,)
+
+
+def _to_device(tgt, device):
+    if isinstance(tgt, torch.Tensor):
+        return tgt.to(device)
+    if isinstance(tgt, (list, tuple)):
+        return type(tgt)(_to_device(t, device) for t in tgt)
+    return tgt
+
+
+def _slice(tgt, sl):
+    if isinstance(tgt, torch.Tensor):
+        return tgt[sl]
+    if isinstance(tgt, (list, tuple)):
+        return type(tgt)(_slice(t, sl) for t in tgt)
+    return tgt
+
+
+def _warn(msg: str) -> None:
+    import sys
+
+    print(f"[decode-var] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(it, desc, enabled):
+    if not enabled:
+        return it
+    try:
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    except ImportError:
+        return it
+
+
+class _graceful_stop:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. Second: stop now (last checkpoint intact)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        self.trainer._stop_requested += 1
+        if self.trainer._stop_requested == 1:
+            _warn(f"received signal {signum}: finishing this step, writing a checkpoint, then stopping "
+                  "(send again to stop at once)")
+            return
+        raise KeyboardInterrupt("second signal: stopped at once; the last complete checkpoint is intact")
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        return False

@@ -1,0 +1,85 @@
+import copy
+
+import pytest
+import yaml
+
+from decode_var.errors import ParamError
+from decode_var.param import ParamKeyError, load_param, load_reference, param_from_dict, save_param
+
+
+def test_defaults_filled_and_scaling_derived_like_decode():
+    p = param_from_dict({"Simulation": {"intensity_mu_sig": [5000.0, 1000.0], "bg_uniform": [10.0, 30.0]}})
+    assert p.Scaling.input_scale == 100.0  # mu / 50
+    assert p.Scaling.phot_max == 13000.0  # mu + 8 sigma
+    assert p.Scaling.input_offset == 20.0  # bg mean
+    assert p.Scaling.bg_max == 36.0  # 1.2 * upper bg
+    assert p.Scaling.z_max == 900.0  # 1.2 * upper z
+    assert p.HyperParameter.architecture == "VARMultiScale"
+    assert p.VAR.loss.pos_weight == 2.0
+
+
+def test_unknown_decode_keys_are_kept_and_round_trip(tmp_path):
+    p = param_from_dict({"HyperParameter": {"some_decode_key": 3}, "Extra": {"a": 1}})
+    assert p.HyperParameter.some_decode_key == 3 and p.Extra.a == 1
+    save_param(tmp_path / "p.yaml", p)
+    assert load_param(tmp_path / "p.yaml") == p
+
+
+def test_reference_param_files_load():
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).parents[1] / "param").glob("*.yaml")):
+        load_param(f)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"VAR": {"scale": [1.0]}}, r"Unknown key VAR.scale. Did you mean 'scales'"),
+    ({"VAR": {"loss": {"pos_weigth": 1.0}}}, r"VAR.loss.pos_weigth. Did you mean 'pos_weight'"),
+    ({"VAR": {"scales": [0.3, 1.0]}, "Simulation": {"img_size": [40, 64]}}, r"does not fit Simulation.img_size"),
+    ({"HyperParameter": {"channels_out": 5}}, r"channels_out must be 6"),
+    ({"Simulation": {"intensity_mu_sig": [-10.0, 1.0]}}, r"intensity_mu_sig.*Negative photons"),
+    ({"Simulation": {"emitter_extent": [[-0.5, 39.5], [39.5, -0.5], [-750, 750]]}}, r"emitter_extent \(y\)"),
+    ({"Simulation": {"bg_uniform": [-5.0, 10.0]}}, r"bg_uniform must be >= 0"),
+    ({"Simulation": {"img_size": "big"}}, r"Simulation.img_size must be a list"),
+    ({"HyperParameter": {"batch_size": 0}}, r"batch_size must be an integer >= 1"),
+    ({"HyperParameter": {"channels_in": 2}}, r"channels_in must be 1 or 3"),
+    ({"VAR": {"backend": "gpu"}}, r"VAR.backend must be auto, decode or builtin"),
+    ({"VAR": {"psf": "spline"}}, r"calibration_file is empty.*VAR.psf: gaussian"),
+    ({"HyperParameter": {"learning_rate_scheduler": "cosin"}}, r"Did you mean 'cosine'"),
+    ({"Camera": "x"}, r"Camera must be a section"),
+])
+def test_bad_values_name_key_and_fix(data, match):
+    with pytest.raises(ParamError, match=match):
+        param_from_dict(data)
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ParamError, match="does not exist"):
+        load_param(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("Simulation:\n  img_size: [40, 40\n")
+    with pytest.raises(ParamError, match="not valid YAML at line"):
+        load_param(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ParamError, match="must hold sections"):
+        load_param(scalar)
+    wrong_ext = tmp_path / "p.txt"
+    wrong_ext.write_text("{}")
+    with pytest.raises(ParamError, match=".yaml"):
+        load_param(wrong_ext)
+
+
+def test_missing_key_access_is_a_param_error_and_attribute_error():
+    p = param_from_dict({})
+    with pytest.raises(ParamKeyError, match="HyperParameter has no key 'nope'"):
+        p.HyperParameter.nope
+    assert getattr(p.HyperParameter, "nope", 7) == 7
+
+
+def test_reference_is_complete_for_var():
+    ref = load_reference()
+    assert {"backend", "scales", "model", "loss", "train", "teacher_forcing"} <= set(ref["VAR"])
+    # the reference itself must validate
+    param_from_dict(copy.deepcopy(ref))
+    yaml.safe_dump(ref)

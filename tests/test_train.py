@@ -1,0 +1,138 @@
+"""End-to-end training through the entrypoint (tiny sizes), resume, registry errors."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from decode_var.errors import ParamError
+from decode_var.train import main as train_main, train
+
+TINY = {
+    "HyperParameter": {"epochs": 2, "pseudo_ds_size": 32, "batch_size": 8},
+    "TestSet": {"test_size": 16},
+    "Simulation": {"img_size": [16, 16], "psf_extent": [[-0.5, 15.5], [-0.5, 15.5], None],
+                   "emitter_extent": [[-0.5, 15.5], [-0.5, 15.5], [-750, 750]], "emitter_av": 2.0},
+    "TestSet_": None,
+    "VAR": {"backend": "builtin", "scales": [0.25, 0.5, 1.0],
+            "model": {"features": 8, "token_dim": 16, "depth": 1, "heads": 2},
+            "teacher_forcing": {"start": 1.0, "end": 0.0, "epochs": 2},
+            "loss": {"adaptive_interval": 2, "adaptive_window": 1, "warmup_epochs": 2},
+            "train": {"plot": False}},
+}
+
+
+def write_param(tmp_path: Path, **over) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data.pop("TestSet_")
+    data["InOut"] = {"experiment_out": str(tmp_path / "out")}
+    for section, values in over.items():
+        data.setdefault(section, {})
+        if isinstance(values, dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+    path = tmp_path / "param.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_tiny_training_run_writes_decode_layout(tmp_path):
+    p = write_param(tmp_path, VAR={**TINY["VAR"], "train": {"plot": True}})
+    trainer = train(p, log_comment="tiny", progress=False)
+    exp = trainer.exp_dir
+    for name in ("param_run_in.yaml", "param_run.yaml", "model.pt", "ckpt.pt", "history.json",
+                 "training_curves.png"):
+        assert (exp / name).is_file(), name
+    hist = json.loads((exp / "history.json").read_text())
+    assert len(hist) == 2
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in hist)
+    assert {"jac", "rmse_lat", "effcy_lat"} <= set(hist[-1]["metrics"])
+    assert len(hist[-1]["channel_weights"]) == 6 and hist[-1]["active_scales"] >= 1
+    assert hist[0]["teacher_forcing"] == 1.0 and hist[1]["teacher_forcing"] == 0.5
+    # model.pt is a plain state dict that loads without unpickling code
+    state = torch.load(exp / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _final_weights(exp: Path):
+    return torch.load(exp / "model.pt", weights_only=True)
+
+
+def test_resume_2_plus_2_equals_4(tmp_path):
+    straight = train(write_param(tmp_path / "a", HyperParameter={**TINY["HyperParameter"], "epochs": 4}),
+                     log_comment="straight", progress=False)
+    first = train(write_param(tmp_path / "b", HyperParameter={**TINY["HyperParameter"], "epochs": 4}),
+                  log_comment="half", progress=False, overrides={"HyperParameter": {"epochs": 2}})
+    resumed = train(first.exp_dir / "param_run.yaml", progress=False,
+                    overrides={"InOut": {"checkpoint_init": str(first.exp_dir / "ckpt.pt")},
+                               "HyperParameter": {"epochs": 4}})
+    assert resumed.exp_dir == first.exp_dir and resumed.epoch == 4
+    a, b = _final_weights(straight.exp_dir), _final_weights(resumed.exp_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.loss.state_dict() == resumed.loss.state_dict()
+    # the first run's param copies are kept
+    assert (first.exp_dir / "param_run_in.yaml").is_file() and (first.exp_dir / "param_resume_in.yaml").is_file()
+
+
+def test_unknown_architecture_lists_names(tmp_path, capsys):
+    p = write_param(tmp_path, HyperParameter={**TINY["HyperParameter"], "architecture": "VARMultiscale"})
+    with pytest.raises(ParamError, match=r"Did you mean 'VARMultiScale'.*Known models: .*VARMultiScale"):
+        train(p, progress=False)
+    assert train_main(["-p", str(p), "--no-progress"]) == 2
+    assert "Known models" in capsys.readouterr().err
+
+
+def test_unknown_loss_lists_names(tmp_path):
+    p = write_param(tmp_path, HyperParameter={**TINY["HyperParameter"], "loss_impl": "MixtureModel"})
+    with pytest.raises(ParamError, match=r"Known losses: .*AdaptivePPXYZB.*PPXYZB"):
+        train(p, progress=False)
+
+
+def test_missing_calibration_points_to_gaussian(tmp_path, capsys):
+    p = write_param(tmp_path, VAR={**TINY["VAR"], "psf": "spline"}, InOut={"calibration_file": None})
+    assert train_main(["-p", str(p), "--no-progress"]) == 2
+    assert "VAR.psf: gaussian" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_existing_experiment_is_never_overwritten(tmp_path, monkeypatch):
+    import datetime as _dt
+
+    from decode_var.errors import DecodeVarError
+    import decode_var.train as tr
+
+    class Frozen(_dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(tr.datetime, "datetime", Frozen)
+    p = write_param(tmp_path)
+    t = train(p, log_comment="same", progress=False)
+    before = (t.exp_dir / "model.pt").read_bytes()
+    with pytest.raises(DecodeVarError, match="exists already"):
+        train(p, log_comment="same", progress=False)
+    assert (t.exp_dir / "model.pt").read_bytes() == before
+
+
+@pytest.mark.decode
+def test_register_with_decode():
+    import decode.neuralfitter.loss
+    import decode.neuralfitter.models
+
+    import decode_var
+
+    decode_var.register_with_decode()
+    assert getattr(decode.neuralfitter.models, "VARMultiScale").__name__ == "VARMultiScale"
+    assert getattr(decode.neuralfitter.loss, "AdaptivePPXYZB") is not None
+
+
+@pytest.mark.decode
+def test_tiny_training_through_decode_backend(tmp_path):
+    p = write_param(tmp_path, VAR={**TINY["VAR"], "backend": "decode"})
+    trainer = train(p, log_comment="dec", progress=False)
+    assert trainer.backend.name == "decode"
+    assert (trainer.exp_dir / "model.pt").is_file()
