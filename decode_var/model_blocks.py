@@ -1,0 +1,306 @@
+"""Building blocks of :class:`decode_var.model.VARMultiScale`.
+
+- :class:`FrameEncoder`: a shared convolutional encoder with a top-down (FPN) path; one feature
+  map per stride 1, 2, 4, each with context from the coarser ones.
+- :class:`ScaleTransformer`: pre-LN transformer blocks over the tokens of the coarse scales, with
+  windowed, block-causal attention: a token of scale ``k`` attends to the tokens of scales
+  ``<= k`` (``next_scale``) or of scale ``k`` only (``independent``) inside its window. It runs
+  either all scales at once under an explicit mask (teacher forcing, VAR's training mode) or one
+  scale after the other with a key/value cache (free running, VAR's inference mode); the two give
+  the same result.
+- :class:`RefineStage`: convolutions on one finer (or super-resolved) grid, fed by encoder
+  features, the upsampled hidden state of the next-coarser scale and its 6-channel map.
+- :func:`recentre_upsample`: a coarse 6-channel map on a finer grid, with the x, y offsets
+  re-expressed relative to the fine cells.
+
+Tensors are indexed ``[..., x, y]`` like DECODE. Sizes are in cells of the grid at hand.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1)
+
+
+def resample(feat_NChw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Area mean onto a coarser grid, nearest cell onto a finer one, identity on the same grid."""
+    size = (int(size[0]), int(size[1]))
+    h, w = feat_NChw.shape[-2:]
+    if (h, w) == size:
+        return feat_NChw
+    if size[0] <= h and size[1] <= w:
+        return F.adaptive_avg_pool2d(feat_NChw, size)
+    return F.interpolate(feat_NChw, size=size, mode="nearest-exact")
+
+
+def _containing_cell(n_coarse: int, n_fine: int, device) -> torch.Tensor:
+    """Index of the coarse cell that holds the centre of each fine cell (both grids span one extent)."""
+    centres = (torch.arange(n_fine, device=device, dtype=torch.float64) + 0.5) * (n_coarse / n_fine)
+    return centres.floor().long().clamp_(0, n_coarse - 1)
+
+
+def recentre_upsample(map_N6hw: torch.Tensor, size: Sequence[int],
+                      cell_coarse_px: float, cell_fine_px: float) -> torch.Tensor:
+    """Put a coarse 6-channel map ``[p, phot, x, y, z, bg]`` on a finer grid.
+
+    Every fine cell takes the values of the coarse cell its centre lies in; its x, y offsets (input
+    px, relative to the coarse cell centre) are shifted to be relative to the fine cell centre, so
+    that each fine cell sees where the coarse-scale emitter lies *relative to itself*.
+
+    Args:
+        map_N6hw: (N, 6, h, w) coarse map, offsets in input px.
+        size: fine grid ``(H, W)`` in cells.
+        cell_coarse_px, cell_fine_px: cell widths in input px (``1 / factor``).
+
+    Returns:
+        (N, 6, H, W) map on the fine grid, same units.
+    """
+    h, w = map_N6hw.shape[-2:]
+    H, W = int(size[0]), int(size[1])
+    ix = _containing_cell(h, H, map_N6hw.device)
+    iy = _containing_cell(w, W, map_N6hw.device)
+    up = map_N6hw.index_select(-2, ix).index_select(-1, iy)
+    shift_x = ((ix.double() + 0.5) * cell_coarse_px
+               - (torch.arange(H, device=ix.device, dtype=torch.float64) + 0.5) * cell_fine_px)
+    shift_y = ((iy.double() + 0.5) * cell_coarse_px
+               - (torch.arange(W, device=iy.device, dtype=torch.float64) + 0.5) * cell_fine_px)
+    up = up.clone()
+    up[:, 2] += shift_x.to(up.dtype)[:, None]
+    up[:, 3] += shift_y.to(up.dtype)[None, :]
+    return up
+
+
+# --------------------------------------------------------------------------------- encoder
+class FrameEncoder(nn.Module):
+    """Conv encoder over the frame window with a top-down path (a small FPN).
+
+    Level ``l`` has stride ``2 ** l`` and ``features * 2 ** l`` channels. After the top-down pass
+    every level carries context from all coarser ones, so every scale head sees a large receptive
+    field whatever the conditioning mode.
+
+    Args:
+        channels_in: frames in the window (1 or 3), stacked as channels.
+        features: channels at stride 1.
+        n_levels: 1..3 (strides 1, 2, 4).
+        activation: module class for the non-linearity.
+    """
+
+    def __init__(self, channels_in: int, features: int, n_levels: int, activation: type[nn.Module]):
+        super().__init__()
+        self.widths = [features * 2 ** lvl for lvl in range(n_levels)]
+        self.down = nn.ModuleList()
+        c_prev = channels_in
+        for lvl, c in enumerate(self.widths):
+            self.down.append(nn.Sequential(conv3x3(c_prev, c, stride=1 if lvl == 0 else 2), activation(),
+                                           conv3x3(c, c), activation()))
+            c_prev = c
+        # top-down: level l += upsampled 1x1 projection of level l+1, then one 3x3 conv
+        self.lateral = nn.ModuleList(nn.Conv2d(self.widths[lvl + 1], self.widths[lvl], 1)
+                                     for lvl in range(n_levels - 1))
+        self.smooth = nn.ModuleList(nn.Sequential(conv3x3(self.widths[lvl], self.widths[lvl]), activation())
+                                    for lvl in range(n_levels - 1))
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+    def forward(self, frames_NCHW: torch.Tensor) -> list[torch.Tensor]:
+        enc = []
+        x = frames_NCHW
+        for block in self.down:
+            x = block(x)
+            enc.append(x)
+        out = [None] * len(enc)
+        out[-1] = enc[-1]
+        for lvl in range(len(enc) - 2, -1, -1):
+            top = F.interpolate(self.lateral[lvl](out[lvl + 1]), size=enc[lvl].shape[-2:], mode="nearest")
+            out[lvl] = self.smooth[lvl](enc[lvl] + top)
+        return out
+
+
+# ------------------------------------------------------------------------------ attention
+class WindowLayout:
+    """Partition of the token grids of the coarse scales into aligned attention windows.
+
+    The coarsest token grid ``(g0x, g0y)`` is cut into ``n_w`` windows per axis of ``win0`` cells
+    (``n_w = ceil(g0 / window)``, ``win0 = ceil(g0 / n_w)``: at most ``window`` cells, balanced so
+    that padding is minimal). Scale ``k`` has ``ratio_k`` times as many cells per axis, and its
+    window is ``win0 * ratio_k`` cells wide, so the windows of all scales cover the same patch of
+    the frame. Padding cells (at the high-x / high-y border) are masked out as keys.
+    """
+
+    def __init__(self, grid0: Sequence[int], ratios: Sequence[int], window: int, device):
+        self.grid0 = (int(grid0[0]), int(grid0[1]))
+        self.ratios = [int(r) for r in ratios]
+        self.n_w = tuple(max(1, math.ceil(g / window)) for g in self.grid0)
+        self.win0 = tuple(math.ceil(g / n) for g, n in zip(self.grid0, self.n_w))
+        self.n_windows = self.n_w[0] * self.n_w[1]
+        self.padded = any(n * w != g for n, w, g in zip(self.n_w, self.win0, self.grid0))
+        self._valid = []
+        for r in self.ratios:
+            gx, gy = self.grid0[0] * r, self.grid0[1] * r
+            ones = torch.ones(1, 1, gx, gy, device=device)
+            self._valid.append(self.partition(ones, r)[..., 0] > 0.5)  # (n_windows, L_k)
+
+    def window_shape(self, ratio: int) -> tuple[int, int]:
+        return self.win0[0] * ratio, self.win0[1] * ratio
+
+    def partition(self, grid_NDhw: torch.Tensor, ratio: int) -> torch.Tensor:
+        """(N, D, h, w) grid -> (N * n_windows, L, D) tokens, window by window."""
+        N, D, h, w = grid_NDhw.shape
+        wx, wy = self.window_shape(ratio)
+        nx, ny = self.n_w
+        grid = F.pad(grid_NDhw, (0, ny * wy - w, 0, nx * wx - h))
+        grid = grid.view(N, D, nx, wx, ny, wy).permute(0, 2, 4, 3, 5, 1)
+        return grid.reshape(N * nx * ny, wx * wy, D)
+
+    def merge(self, tokens_BLD: torch.Tensor, ratio: int, N: int) -> torch.Tensor:
+        """Inverse of :meth:`partition`: (N * n_windows, L, D) -> (N, D, h, w), padding dropped."""
+        D = tokens_BLD.shape[-1]
+        wx, wy = self.window_shape(ratio)
+        nx, ny = self.n_w
+        grid = tokens_BLD.reshape(N, nx, ny, wx, wy, D).permute(0, 5, 1, 3, 2, 4)
+        grid = grid.reshape(N, D, nx * wx, ny * wy)
+        return grid[:, :, :self.grid0[0] * ratio, :self.grid0[1] * ratio]
+
+    def key_mask(self, scales: Sequence[int], N: int) -> Optional[torch.Tensor]:
+        """(N * n_windows, 1, 1, L_keys) bool, True = real cell; None when nothing is padded."""
+        if not self.padded:
+            return None
+        valid = torch.cat([self._valid[k] for k in scales], dim=1)
+        return valid.repeat(N, 1)[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention whose keys may be prefixed with cached keys of coarser scales."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"token_dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x_BLD, prefix_kv=None, attn_mask=None):
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if prefix_kv is not None:
+            k_all = torch.cat([prefix_kv[0], k], dim=2)
+            v_all = torch.cat([prefix_kv[1], v], dim=2)
+        else:
+            k_all, v_all = k, v
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D)), (k, v)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+    def forward(self, x_BLD, prefix_kv=None, attn_mask=None):
+        a, kv = self.attn(self.norm1(x_BLD), prefix_kv, attn_mask)
+        x_BLD = x_BLD + a
+        return x_BLD + self.mlp(self.norm2(x_BLD)), kv
+
+
+class ScaleTransformer(nn.Module):
+    """Transformer over the tokens of the coarse scales, windowed and block-causal.
+
+    Args:
+        dim: token width.
+        depth: number of blocks.
+        heads: attention heads.
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        causal: True (next_scale): scale k sees scales <= k; False (independent): scale k only.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.trunc_normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        # residual branches start small so that the stack starts near the identity (GPT-2 init)
+        for blk in self.blocks:
+            blk.attn.proj.weight.data.mul_(1 / math.sqrt(2 * depth))
+            blk.mlp[2].weight.data.mul_(1 / math.sqrt(2 * depth))
+
+    def block_mask(self, lengths: Sequence[int], device) -> torch.Tensor:
+        """(L, L) bool, True where a query (row) may attend to a key (column): VAR's
+        ``attn_bias_for_masking`` as a boolean, with scale ids in place of VAR's levels."""
+        lvl = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(lengths)])
+        return (lvl[:, None] >= lvl[None, :]) if self.causal else (lvl[:, None] == lvl[None, :])
+
+    def forward_parallel(self, tokens: list[torch.Tensor], layout: WindowLayout, N: int) -> list[torch.Tensor]:
+        """All scales at once under the block mask. tokens[k]: (N * n_windows, L_k, D)."""
+        lengths = [t.shape[1] for t in tokens]
+        x = torch.cat(tokens, dim=1)
+        mask = self.block_mask(lengths, x.device)[None, None]
+        keys = layout.key_mask(range(len(tokens)), N)
+        if keys is not None:
+            mask = mask & keys
+        for blk in self.blocks:
+            x, _ = blk(x, attn_mask=mask)
+        return list(self.norm(x).split(lengths, dim=1))
+
+    def start_cache(self) -> list[list]:
+        return [[] for _ in self.blocks]
+
+    def forward_step(self, tokens_k: torch.Tensor, k: int, cache: list[list], layout: WindowLayout,
+                     N: int) -> torch.Tensor:
+        """One scale; keys/values of coarser scales come from ``cache`` (updated in place)."""
+        x = tokens_k
+        scales = list(range(k + 1)) if self.causal else [k]
+        mask = layout.key_mask(scales, N)
+        for blk, kv_list in zip(self.blocks, cache):
+            prefix = None
+            if self.causal and kv_list:
+                prefix = (torch.cat([kv[0] for kv in kv_list], dim=2), torch.cat([kv[1] for kv in kv_list], dim=2))
+            x, kv = blk(x, prefix_kv=prefix, attn_mask=mask)
+            kv_list.append(kv)
+        return self.norm(x)
+
+
+# -------------------------------------------------------------------------------- refine
+class RefineStage(nn.Module):
+    """Convolutions on one grid finer than the token scales.
+
+    Input: the encoder features resampled to this grid, plus (``conditioned``) the hidden state
+    of the next-coarser scale and its re-centred 6-channel map, each through a 1x1 projection.
+    """
+
+    def __init__(self, c_feat: int, c_prev: Optional[int], width: int, conditioned: bool,
+                 activation: type[nn.Module]):
+        super().__init__()
+        self.conditioned = conditioned and c_prev is not None
+        self.width = width
+        self.from_feat = nn.Conv2d(c_feat, width, 1)
+        if self.conditioned:
+            self.from_prev = nn.Conv2d(c_prev, width, 1)
+            self.from_map = nn.Conv2d(6, width, 1)
+        self.body = nn.Sequential(activation(), conv3x3(width, width), activation(), conv3x3(width, width),
+                                  activation())
+
+    def forward(self, feat_NChw, prev_hidden=None, cond_N6hw=None):
+        x = self.from_feat(feat_NChw)
+        if self.conditioned:
+            # a 1x1 projection commutes with nearest upsampling: project on the coarse grid (cheaper)
+            x = x + resample(self.from_prev(prev_hidden), x.shape[-2:]) + self.from_map(cond_N6hw)
+        return self.body(x)
