@@ -53,6 +53,14 @@ class _CameraAdapter:
 class DecodeBackend(Backend):
     name = "decode"
 
+    def make_task(self, param, model, loss):
+        """DECODE's GaussianMMLoss models (SigmaMUNet) get DECODE's param-list targets and chain."""
+        from .engine import SixChannelTask
+
+        if isinstance(loss, _d_loss.GaussianMMLoss):
+            return GMMTask(param, self, model, loss)
+        return SixChannelTask(param, self, model, loss)
+
     def to_native(self, em: EmitterSet):
         kw = {k: getattr(em, k) for k in _FIELDS if getattr(em, k) is not None}
         return _d_emitter.EmitterSet(xyz=em.xyz, phot=em.phot, frame_ix=em.frame_ix.long(), id=em.id.long(),
@@ -203,3 +211,54 @@ def add_to_decode_namespaces(models: dict, losses: dict) -> list:
         setattr(_d_loss, getattr(cls, "__name__", name), cls)
         added.append(f"decode.neuralfitter.loss.{name}")
     return added
+
+
+class GMMTask:
+    """Data, loss and post-processing for DECODE's SigmaMUNet + GaussianMMLoss (DECODE's live_engine chain).
+
+    Targets: ParameterListTarget -> ParameterListRescale; output: InverseParamListRescale ->
+    Offset2Coordinate -> SpatialIntegration / LookUp with the sigma channels.
+    """
+
+    def __init__(self, param, backend, model, loss):
+        import decode.neuralfitter.scale_transform as _d_scale
+
+        self.param, self.backend, self.model, self.loss = param, backend, model, loss
+        sim, sc = param.Simulation, param.Scaling
+        self.n_max = param.HyperParameter.max_number_targets
+        self.rescale = _d_scale.ParameterListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
+        self.inverse = _d_scale.InverseParamListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
+        self.offset2coord = _d_coord.Offset2Coordinate(xextent=sim.psf_extent[0], yextent=sim.psf_extent[1],
+                                                       img_shape=sim.img_size)
+        th, px = param.PostProcessingParam.raw_th, param.Camera.px_size
+        if param.PostProcessing == "LookUp":
+            self.pp = _d_post.LookUpPostProcessing(raw_th=th, xy_unit="px", px_size=px,
+                                                   pphotxyzbg_mapping=[0, 1, 2, 3, 4, -1])
+        else:
+            self.pp = _d_post.SpatialIntegration(raw_th=th, xy_unit="px", px_size=px)
+        self.photon_min = param.HyperParameter.emitter_label_photon_min
+
+    def make_targets(self, batch, n):
+        em = batch.em
+        if self.photon_min is not None and len(em):
+            em = em[em.phot >= self.photon_min]
+        sim = self.param.Simulation
+        gen = _d_target.ParameterListTarget(n_max=self.n_max, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1],
+                                            ix_low=0, ix_high=n - 1)
+        param_tar, mask, _ = gen.forward(self.backend.to_native(em), None)
+        return self.rescale.forward(param_tar, mask, batch.bg_NHW.clone())
+
+    def train_forward(self, frames, tgt, n_active):
+        out = self.model(frames)
+        return self.loss(out, tgt, None), out
+
+    def physical_output(self, frames):
+        return self.inverse.forward(self.model(frames).float())
+
+    def postprocess(self, out_phys):
+        em = self.pp.forward(self.offset2coord.forward(out_phys.clone()))
+        return self.backend.to_builtin(em)
+
+    def nonfinite_report(self, out, tgt):
+        bad = (~torch.isfinite(out)).flatten(2).sum(-1).sum(0).tolist()
+        return [f"output channel {c}: {int(n)} non-finite elements" for c, n in enumerate(bad) if n]

@@ -91,7 +91,8 @@ def _get(table: dict, name: str, key: str, kind: str):
     if name not in table:
         close = difflib.get_close_matches(str(name), list(table), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ParamError(f"{key} names an unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(table))}. "
+        plural = {"loss": "losses"}.get(kind, kind + "s")
+        raise ParamError(f"{key} names an unknown {kind} {name!r}.{hint} Known {plural}: {', '.join(sorted(table))}. "
                          f"DECODE's own models and losses appear here when DECODE is installed.")
     return table[name]
 
