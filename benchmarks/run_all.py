@@ -1,0 +1,71 @@
+"""Run every benchmark and write its table into README.md, so the tables are regenerated, not hand-edited.
+
+    python benchmarks/run_all.py [--quick] [--only data model stability quality reliability ddp]
+
+Each table sits between ``<!-- BEGIN bench:NAME -->`` and ``<!-- END bench:NAME -->`` in README.md,
+with the exact command that produced it. ``--quick`` uses short settings (smoke run, a few minutes in
+all); the README's figures come from the default settings unless the table's command says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BENCHES = {
+    "data": (["benchmarks/bench_data.py"], ["--repeats", "2"]),
+    "model": (["benchmarks/bench_model.py", "--sizes", "40", "128"], ["--sizes", "40", "--repeats", "2"]),
+    "stability": (["benchmarks/bench_stability.py"], ["--steps", "200"]),
+    "quality": (["benchmarks/bench_quality.py", "--minutes", "10"], ["--minutes", "0.5", "--evals", "1"]),
+    "reliability": (["benchmarks/bench_reliability.py"], ["--kills", "3", "--fuzz", "50"]),
+    "ddp": (["benchmarks/bench_ddp.py"], []),
+}
+
+
+def table_of(stdout: str) -> str:
+    lines = stdout.splitlines()
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if not rows:
+        raise RuntimeError("the benchmark printed no Markdown table:\n" + stdout[-2000:])
+    return "\n".join(lines[rows[0]:rows[-1] + 1])
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    begin, end = f"<!-- BEGIN bench:{name} -->", f"<!-- END bench:{name} -->"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    block = f"{begin}\n{body}\n{end}"
+    if not pattern.search(text):
+        raise RuntimeError(f"README.md has no {begin} ... {end} block")
+    return pattern.sub(lambda _: block, text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke settings")
+    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = ap.parse_args(argv)
+    readme = args.readme.read_text()
+    for name in args.only:
+        cmd, quick = BENCHES[name]
+        cmd = cmd[:1] + (quick if args.quick else cmd[1:])
+        shown = "python " + " ".join(cmd)
+        print(f"[run_all] {shown}", flush=True)
+        res = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
+            return res.returncode
+        stamp = datetime.date.today().isoformat()
+        body = f"`{shown}` ({stamp}, this machine's 2 CPU cores)\n\n{table_of(res.stdout)}"
+        readme = replace_block(readme, name, body)
+        args.readme.write_text(readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
