@@ -13,13 +13,14 @@ from a source they trust.
 from __future__ import annotations
 
 import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 from typing import Union
 
 import torch
 
-from .atomic import atomic_torch_save
+from .atomic import atomic_torch_save, remove_stale_temporaries
 from .errors import CheckpointError
 
 FORMAT = "decode-var-ckpt-1"
@@ -36,7 +37,11 @@ def save_model(path: PathLike, model: torch.nn.Module, param=None) -> None:
 
 
 def safe_load(path: PathLike, trusted: bool = False, what: str = "file"):
-    """``torch.load`` without code execution; every failure is a :class:`CheckpointError` naming the file."""
+    """``torch.load`` without code execution; every failure is a :class:`CheckpointError` naming the file.
+
+    ``trusted=True`` (``--trust-pickle``) allows arbitrary unpickling: only for a file from a source you
+    trust, e.g. a DECODE model saved as a whole pickled module. Loading such a file can run any code.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"The {what} {path} does not exist. Check the path (training writes model.pt and "
@@ -47,28 +52,89 @@ def safe_load(path: PathLike, trusted: bool = False, what: str = "file"):
         raise CheckpointError(f"The {what} {path} is empty (0 bytes): it was not written completely. "
                               "Use an earlier file or retrain.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trusted)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it does not expect; the load below decides
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        text = str(err)
+        if not trusted and ("Weights only load failed" in text or "weights_only" in text):
             raise CheckpointError(
                 f"Refused to load {path}: it needs arbitrary unpickling, which can run code "
-                f"({str(err).splitlines()[0][:200]}). decode-var's own files never need it. If the file comes "
-                "from a source you trust (e.g. an old DECODE model), pass --trust-pickle (trusted=True).") from None
-        raise CheckpointError(f"The {what} {path} is corrupt or not a PyTorch file ({err}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, KeyError,
-            IndexError, TypeError) as err:
-        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise CheckpointError(f"The {what} {path} is truncated or corrupt and cannot be read ({msg}). "
+                f"({_unpickler_reason(text)}); nothing in it was executed. decode-var's own files never need "
+                "this. Only if the file comes from a source you trust (e.g. an old DECODE model saved as a whole "
+                "module), pass --trust-pickle (trusted=True).") from None
+        raise CheckpointError(f"The {what} {path} is corrupt or not a PyTorch file ({_first_line(err)}).") from None
+    except ImportError as err:  # trusted unpickling of a file that names modules not installed here
+        raise CheckpointError(f"The {what} {path} needs the Python module '{getattr(err, 'name', None) or err}' "
+                              "to be unpickled (an old DECODE model needs DECODE installed). Install it, or "
+                              "load a plain state dict (model.pt) instead.") from None
+    except PermissionError as err:
+        raise CheckpointError(f"The {what} {path} cannot be read ({err.strerror}). Check its permissions.") from None
+    except MemoryError:
+        raise CheckpointError(f"The {what} {path} is corrupt: it declares more data than fits in memory.") from None
+    except Exception as err:  # zip, pickle and storage errors of a truncated / corrupt file have many types
+        raise CheckpointError(f"The {what} {path} is truncated or corrupt and cannot be read ({_first_line(err)}). "
                               "Use an earlier copy (ckpt.pt is only replaced once a new one is complete) "
                               "or retrain.") from None
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else "") or type(err).__name__
+
+
+def _unpickler_reason(text: str) -> str:
+    """The useful part of torch's weights-only refusal, e.g. 'Unsupported global: GLOBAL posix.system'."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", text, flags=re.S)
+    reason = " ".join((m.group(1) if m else text.splitlines()[0]).split())
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason)[:200]
+
+
+#: Entries every decode-var checkpoint has (``Trainer.state_dict``), with their types.
+_CKPT_ENTRIES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "epoch": int}
+
+
 def load_checkpoint(path: PathLike, trusted: bool = False) -> dict:
+    """Read a ``ckpt.pt`` to resume from it.
+
+    Resuming also tidies the experiment folder after a crash: leftovers of interrupted atomic writes
+    (untouched for 10 minutes) are deleted, and ``model.pt`` is brought up to date when the process was
+    killed between writing ``ckpt.pt`` and ``model.pt`` at the end of an epoch.
+    """
+    path = Path(path)
     state = safe_load(path, trusted, "checkpoint")
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{path} is not a decode-var checkpoint (ckpt.pt); it has no model/epoch entries. "
                               "Give the ckpt.pt of an experiment folder in InOut.checkpoint_init.")
+    bad = [f"{k} ({type(state.get(k)).__name__})" for k, t in _CKPT_ENTRIES.items()
+           if not isinstance(state.get(k), t) or isinstance(state.get(k), bool)]
+    if bad:
+        raise CheckpointError(f"The checkpoint {path} is incomplete or damaged: entries {', '.join(bad)} are missing "
+                              f"or of the wrong type (needs {', '.join(_CKPT_ENTRIES)}). Use an earlier ckpt.pt "
+                              "or start a new run (InOut.model_init can take its weights).")
+    _tidy_experiment(path, state)
     return state
+
+
+def _tidy_experiment(ckpt_path: Path, state: dict) -> None:
+    for name in (ckpt_path.name, "model.pt"):
+        remove_stale_temporaries(ckpt_path.parent / name)
+    if state.get("partial_epoch"):
+        return  # model.pt holds the last complete epoch, which a mid-epoch checkpoint does not
+    model_path = ckpt_path.parent / "model.pt"
+    weights = state["model"]
+    try:
+        current = torch.load(model_path, map_location="cpu", weights_only=True) if model_path.exists() else None
+    except Exception:  # damaged model.pt: replaced below
+        current = None
+    same = isinstance(current, dict) and current.keys() == weights.keys() and all(
+        torch.equal(current[k], v) if isinstance(v, torch.Tensor) else current[k] == v for k, v in weights.items())
+    if not same:
+        try:
+            atomic_torch_save(weights, model_path)
+        except OSError:  # read-only folder: training will fail later with its own message
+            pass
 
 
 def model_state(path: PathLike, trusted: bool = False) -> dict:
@@ -78,7 +144,9 @@ def model_state(path: PathLike, trusted: bool = False) -> dict:
         obj = obj["model"]
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    # tensors, plus modules' plain "_extra_state" entries (get_extra_state)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")
+                                            for k, v in obj.items()):
         raise CheckpointError(f"{path} does not hold model weights (a state dict of tensors).")
     return obj
 
@@ -90,7 +158,8 @@ def load_model_weights(model: torch.nn.Module, path: PathLike, trusted: bool = F
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+              if k in state and isinstance(state[k], torch.Tensor) and isinstance(own[k], torch.Tensor)
+              and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         detail = "; ".join(filter(None, [
             f"{len(missing)} missing (e.g. {missing[:2]})" if missing else "",

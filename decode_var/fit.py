@@ -39,7 +39,11 @@ def check_stack_values(frames: torch.Tensor, first: int, mask_nonfinite: bool) -
     bad = ~torch.isfinite(frames)
     if bad.any():
         if not mask_nonfinite:
-            ix = sorted(set((torch.nonzero(bad.flatten(2).any(-1).any(-1)).flatten() + first).tolist()))[:10]
+            # stack index of every bad (window, channel): channel c of window b is frame first + b + c - half,
+            # clamped at the stack ends like the windows themselves
+            half = (frames.size(1) - 1) // 2
+            b, c = torch.nonzero(bad.flatten(2).any(-1), as_tuple=True)
+            ix = sorted(set(torch.clamp(first + b + c - half, min=0).tolist()))[:10]
             raise InputDataError(f"frames {ix} of the stack contain NaN or Inf pixels. Repair them, or pass "
                                  "--mask-nonfinite to replace them by each frame's median.")
         frames = frames.clone()
