@@ -3,15 +3,22 @@
 The content is written to a temporary file in the target's folder (same file system, so the final
 ``os.replace`` is an atomic rename), flushed to disk with fsync, then renamed over the target. On error
 the temporary file is removed and the old target, if any, is left untouched.
+
+A process killed during a write (SIGKILL, power loss) leaves its temporary file
+(``.<stem>.<random>.tmp<suffix>``, hidden) next to the intact target; readers never look at it and
+:func:`remove_stale_temporaries` deletes such leftovers once nobody has written to them for a while.
 """
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
-import tempfile
+import secrets
+import time
 from typing import Callable, Union
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "temporaries",
+           "remove_stale_temporaries"]
 
 
 def atomic_write(path: Union[str, os.PathLike], writer_fn: Callable[[pathlib.Path], None]) -> pathlib.Path:
@@ -24,18 +31,27 @@ def atomic_write(path: Union[str, os.PathLike], writer_fn: Callable[[pathlib.Pat
     path = pathlib.Path(path)
     folder = path.parent if str(path.parent) else pathlib.Path(".")
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=folder)
-    os.close(fd)
-    tmp = pathlib.Path(tmp)
+    keep_mode = path.stat().st_mode & 0o777 if path.exists() else None
+    mode = keep_mode if keep_mode is not None else 0o666  # a new file: the usual permissions after the umask
+    tmp = None
     try:
-        # mkstemp makes the file private (0600); give the result the usual permissions instead
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        # The temporary file is created inside the try and its name is known before it exists: an
+        # exception at any instant (a second Ctrl-C raises wherever the main thread is) removes it again.
+        while tmp is None:
+            tmp = folder / f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            except FileExistsError:  # another writer's temporary file: not ours to remove, pick another name
+                tmp = None
+        if keep_mode is not None:
+            os.chmod(tmp, keep_mode)  # the replaced file keeps its permissions, whatever the umask
         writer_fn(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(folder)
     return path
@@ -58,11 +74,30 @@ def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> pathlib.Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> pathlib.Path:
-    """``torch.save(obj, path)`` atomically."""
-    import torch
+def temporaries(path: Union[str, os.PathLike]) -> list[pathlib.Path]:
+    """Temporary files of (possibly interrupted) atomic writes of ``path``, sorted by name."""
+    path = pathlib.Path(path)
+    folder = path.parent if str(path.parent) else pathlib.Path(".")
+    pattern = f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+def remove_stale_temporaries(path: Union[str, os.PathLike], min_age_s: float = 600.0) -> list[pathlib.Path]:
+    """Delete the leftovers of interrupted atomic writes of ``path``; returns what was deleted.
+
+    Only files not modified for ``min_age_s`` seconds are deleted: a write in progress (another process,
+    another rank) keeps touching its file, an abandoned one does not.
+    """
+    removed = []
+    now = time.time()
+    for tmp in temporaries(path):
+        try:
+            if now - tmp.stat().st_mtime >= min_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # removed by someone else meanwhile, or not ours to remove
+            pass
+    return removed
 
 
 def _fsync_dir(folder: pathlib.Path) -> None:

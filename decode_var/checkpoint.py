@@ -8,10 +8,15 @@
 Both are written atomically and read with ``torch.load(weights_only=True)``: loading never runs
 code. A file that needs arbitrary unpickling (an old pickled DECODE model, say) is refused unless
 the caller opts in with ``trusted=True`` (``--trust-pickle`` on the command line) for a file
-from a source they trust.
+from a source they trust. Every failure (missing, empty, truncated, corrupt, refused, incomplete) is a
+:class:`~decode_var.errors.CheckpointError` naming the file, never a traceback from inside torch.
+
+``ckpt.pt`` is written before ``model.pt`` and ``history.json`` at the end of an epoch; a process
+killed in between is repaired when the run is resumed (:func:`load_checkpoint`).
 """
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import warnings
@@ -20,7 +25,7 @@ from typing import Union
 
 import torch
 
-from .atomic import atomic_torch_save, remove_stale_temporaries
+from .atomic import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from .errors import CheckpointError
 
 FORMAT = "decode-var-ckpt-1"
@@ -99,8 +104,9 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> dict:
     """Read a ``ckpt.pt`` to resume from it.
 
     Resuming also tidies the experiment folder after a crash: leftovers of interrupted atomic writes
-    (untouched for 10 minutes) are deleted, and ``model.pt`` is brought up to date when the process was
-    killed between writing ``ckpt.pt`` and ``model.pt`` at the end of an epoch.
+    (untouched for 10 minutes) are deleted, and ``model.pt`` and ``history.json`` are brought up to date
+    when the process was killed after writing ``ckpt.pt`` at the end of an epoch but before them (the
+    checkpoint is written first and is the reference).
     """
     path = Path(path)
     state = safe_load(path, trusted, "checkpoint")
@@ -118,8 +124,9 @@ def load_checkpoint(path: PathLike, trusted: bool = False) -> dict:
 
 
 def _tidy_experiment(ckpt_path: Path, state: dict) -> None:
-    for name in (ckpt_path.name, "model.pt"):
+    for name in (ckpt_path.name, "model.pt", "history.json"):
         remove_stale_temporaries(ckpt_path.parent / name)
+    _sync_history(ckpt_path.parent / "history.json", state.get("history"))
     if state.get("partial_epoch"):
         return  # model.pt holds the last complete epoch, which a mid-epoch checkpoint does not
     model_path = ckpt_path.parent / "model.pt"
@@ -128,12 +135,34 @@ def _tidy_experiment(ckpt_path: Path, state: dict) -> None:
         current = torch.load(model_path, map_location="cpu", weights_only=True) if model_path.exists() else None
     except Exception:  # damaged model.pt: replaced below
         current = None
-    same = isinstance(current, dict) and current.keys() == weights.keys() and all(
-        torch.equal(current[k], v) if isinstance(v, torch.Tensor) else current[k] == v for k, v in weights.items())
+    try:
+        same = isinstance(current, dict) and current.keys() == weights.keys() and all(
+            torch.equal(current[k], v) if isinstance(v, torch.Tensor) else current[k] == v
+            for k, v in weights.items())
+    except (TypeError, RuntimeError):  # an entry of another type or shape: not the same
+        same = False
     if not same:
         try:
             atomic_torch_save(weights, model_path)
         except OSError:  # read-only folder: training will fail later with its own message
+            pass
+
+
+def _sync_history(path: Path, history) -> None:
+    """history.json as the checkpoint has it (a kill after ckpt.pt, before history.json, leaves it behind)."""
+    if not isinstance(history, list) or not path.exists():
+        return
+    text = json.dumps(history, indent=1, default=float)  # the engine's format
+    try:
+        # compared as canonical text: NaN metrics (nothing matched yet) never compare equal as floats
+        same = json.dumps(json.loads(path.read_text()), sort_keys=True) == \
+            json.dumps(json.loads(text), sort_keys=True)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        try:
+            atomic_write_text(path, text)
+        except OSError:
             pass
 
 

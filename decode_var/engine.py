@@ -36,11 +36,16 @@ class TrainingDiverged(DecodeVarError, RuntimeError):
 
 
 class TrainingInterrupted(DecodeVarError, KeyboardInterrupt):
-    """SIGINT / SIGTERM: a checkpoint was written; resume with the printed command."""
+    """SIGINT / SIGTERM: training stopped; resume with the printed command.
 
-    def __init__(self, msg: str, exp_dir: Optional[Path] = None):
+    ``immediate`` is False after the first signal (the current step finished and a checkpoint of it
+    was written) and True after a second one (stopped at once; the last complete checkpoint is intact).
+    """
+
+    def __init__(self, msg: str, exp_dir: Optional[Path] = None, immediate: bool = False):
         super().__init__(msg)
         self.exp_dir = exp_dir
+        self.immediate = immediate
 
 
 def derive_seed(*parts: int) -> int:
@@ -118,11 +123,24 @@ class EpochLog:
     seconds: float = 0.0
 
 
+def _param_for_model_scales(param, model):
+    """The param with VAR.scales as the model predicts them (an ablation may predict fewer scales)."""
+    sched = getattr(model, "schedule", None)
+    if sched is None or list(sched.factors) == [float(f) for f in param.VAR.scales]:
+        return param
+    from .param import param_from_dict
+
+    data = param.to_dict()
+    data["VAR"]["scales"] = list(sched.factors)
+    return param_from_dict(data)
+
+
 class SixChannelTask:
     """Data, loss and post-processing for 6-channel models (VARMultiScale + AdaptivePPXYZB, ...)."""
 
     def __init__(self, param, backend, model, loss):
         self.param, self.backend, self.model, self.loss = param, backend, model, loss
+        param = _param_for_model_scales(param, model)
         self.schedule = ScaleSchedule.parse(param)
         self.targets = MultiScaleTargets.parse(param, backend)
         self.rescale = TargetRescale.parse(param)
@@ -156,19 +174,25 @@ class Trainer:
         exp_dir: experiment folder (model.pt, ckpt.pt, param copies, history, plots).
         device: torch device string.
         log: write the history / TensorBoard logs.
+        dist: :class:`~decode_var.distributed.DistContext` of a distributed run (DDP, per-sample seeds,
+            rank 0 writes); None: the single-process path.
     """
 
     def __init__(self, param, exp_dir: Path, device: str = "cpu", log: bool = True, tb_dir: Optional[Path] = None,
-                 progress: bool = True):
+                 progress: bool = True, dist=None):
         from .registry import build_loss, build_model
 
-        self.param, self.exp_dir, self.device, self.log_enabled = param, Path(exp_dir), torch.device(device), log
-        self.progress = progress
+        self.dist = dist
+        is_main = dist is None or dist.is_main
+        self.param, self.device, self.log_enabled = param, torch.device(device), log and is_main
+        self.exp_dir = Path(exp_dir) if exp_dir is not None else None
+        self.progress = progress and is_main
         hp, var = param.HyperParameter, param.VAR
         self.backend = get_backend(var.backend)
         torch.manual_seed(var.seed)
         self.model = build_model(param).to(self.device)
-        self.loss = build_loss(param)
+        self._ddp = None  # DDP wrapper of self.model in a distributed run, made by fit()
+        self.loss = build_loss(_param_for_model_scales(param, self.model))
         self.task = self.backend.make_task(param, self.model, self.loss) if hasattr(self.backend, "make_task") \
             and not isinstance(self.loss, _six_channel_losses()) else SixChannelTask(param, self.backend, self.model,
                                                                                       self.loss)
@@ -185,13 +209,17 @@ class Trainer:
         self._partial: Optional[dict] = None  # progress inside an epoch, for a mid-epoch checkpoint
         self._test = None
         self.tb = None
-        if log and tb_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if self.log_enabled and tb_dir is not None:
+            self.open_tensorboard(tb_dir)
 
-                self.tb = SummaryWriter(log_dir=str(tb_dir))
-            except Exception:  # tensorboard is optional
-                self.tb = None
+    def open_tensorboard(self, tb_dir: Path) -> None:
+        """TensorBoard logging (DECODE's logger) when the tensorboard package is installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tb_dir))
+        except Exception:  # tensorboard is optional
+            self.tb = None
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -209,9 +237,17 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        from .errors import CheckpointError
+
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"The checkpoint does not fit the model / optimiser this param builds ({str(err).splitlines()[0][:200]}). "
+                "Resume with the experiment's own param_run.yaml (architecture, channels_in, VAR.scales, VAR.model "
+                "and the optimiser must match).") from None
         if state.get("loss") and hasattr(self.loss, "load_state_dict"):
             self.loss.load_state_dict(state["loss"])
         self.epoch = int(state["epoch"])
@@ -220,12 +256,15 @@ class Trainer:
         self._partial = state.get("partial_epoch")
 
     def save(self) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return  # every rank holds the same state; rank 0 writes it
         ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
         ckpt_io.save_model(self.exp_dir / "model.pt", self.model, self.param)
 
     # ------------------------------------------------------------------------------ data
-    def _batch(self, n: int, seed: int):
-        batch = self.simulator.sample(n, seed)
+    def _batch(self, n: int, seed):
+        """``seed``: one int for the batch, or one seed per sample (the distributed data path)."""
+        batch = self.simulator.sample(n, seed) if isinstance(seed, int) else self.simulator.sample_seeded(seed)
         frames = self.frame_scale(batch.frames_NCHW).to(self.device)
         tgt = self.task.make_targets(batch, n)
         tgt = _to_device(tgt, self.device)
@@ -241,6 +280,10 @@ class Trainer:
     def fit(self, epochs: Optional[int] = None) -> list[dict]:
         """Train until ``epochs`` (default ``HyperParameter.epochs``) have been completed."""
         epochs = self.param.HyperParameter.epochs if epochs is None else epochs
+        if self.dist is not None and self.dist.active and self._ddp is None:
+            from .distributed import wrap_model
+
+            self._ddp = wrap_model(self.model, self.dist)  # after any resume: starts from rank 0's weights
         with _graceful_stop(self):
             while self.epoch < epochs:
                 entry = self.train_epoch()
@@ -248,7 +291,8 @@ class Trainer:
                 self.epoch += 1
                 self.save()
                 self._log_epoch(entry)
-                if self._stop_requested:
+                # a stop that arrives during the last epoch changes nothing: the run is complete
+                if self.epoch < epochs and self._any_rank(self._stop_requested):
                     raise TrainingInterrupted(f"stopped after epoch {self.epoch}; checkpoint written", self.exp_dir)
         return self.history
 
@@ -267,20 +311,28 @@ class Trainer:
         t0 = time.perf_counter()
         tf = self._set_epoch_state()
         n_active = getattr(self.loss, "active_scales", None)
-        steps = max(hp.pseudo_ds_size // hp.batch_size, 1)
+        steps = max(hp.pseudo_ds_size // (hp.batch_size * self._world_size), 1)
         part = self._partial or {"step": 0, "sums": None, "n_ok": 0, "skipped": 0, "in_row": 0, "seconds": 0.0}
         self._partial = None
         self.model.train()
         bar = _progress(range(part["step"], steps), f"epoch {self.epoch}", self.progress)
         for step in bar:
-            torch.manual_seed(derive_seed(var.seed, self.epoch, step, 1))  # teacher-forcing coins, dropout
-            _, frames, tgt = self._batch(hp.batch_size, derive_seed(var.seed, self.epoch, step, 2))
+            torch.manual_seed(self._step_seed(step))  # dropout, and coins of models without a generator
+            tf_gen = getattr(self.model, "tf_generator", None)
+            if tf_gen is not None:  # teacher-forcing coins: a function of (seed, epoch, step, rank), so resume is exact
+                tf_gen.manual_seed(self._step_seed(step) ^ 0x5DEECE66D)
+            _, frames, tgt = self._batch(hp.batch_size, self._data_seed(step))
             self.optimizer.zero_grad(set_to_none=True)
-            loss_val, out = self.task.train_forward(frames, tgt, n_active)
+            loss_val, out = self._train_forward(frames, tgt, n_active)
             loss = loss_val.mean()
             reason = None
-            if not torch.isfinite(loss):
+            bad_here = not torch.isfinite(loss)
+            # ranks skip a batch and stop together: DDP's backward needs every rank
+            bad_any, stop_agreed = self._agree(bad_here)
+            if bad_here:
                 reason = "loss: " + "; ".join(self.task.nonfinite_report(out, tgt) or ["non-finite"])
+            elif bad_any:
+                reason = "non-finite loss on another rank"
             else:
                 loss.backward()
                 clip = var.train.grad_clip if var.train.grad_clip > 0 else float("inf")
@@ -293,7 +345,8 @@ class Trainer:
                 part["in_row"] += 1
                 self.nonfinite_total += 1
                 self.optimizer.zero_grad(set_to_none=True)
-                _warn(f"epoch {self.epoch} step {step}: skipped batch ({reason})")
+                if bad_here or self.dist is None or self.dist.is_main:
+                    _warn(f"{self._rank_tag()}epoch {self.epoch} step {step}: skipped batch ({reason})")
                 if part["in_row"] >= var.train.max_nonfinite_in_row:
                     raise TrainingDiverged(
                         f"{part['in_row']} non-finite batches in a row (epoch {self.epoch}, step {step}); last: "
@@ -307,21 +360,26 @@ class Trainer:
                 part["sums"] = vec if part["sums"] is None else [a + b for a, b in zip(part["sums"], vec)]
                 part["n_ok"] += 1
                 if hasattr(bar, "set_postfix") and step % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
-            if self._stop_requested and part["step"] < steps:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            stop = self._stop_requested if stop_agreed is None else stop_agreed
+            if stop and part["step"] < steps:
                 part["seconds"] += time.perf_counter() - t0
-                self._partial = part
-                ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
+                self._partial = dict(part, sums=self._rank_mean(part["sums"]))
+                if self.dist is None or self.dist.is_main:
+                    ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
                 raise TrainingInterrupted(f"stopped in epoch {self.epoch} after step {step}; checkpoint written",
                                           self.exp_dir)
-        n_ok = part["n_ok"]
-        mean = [v / max(n_ok, 1) for v in part["sums"]] if part["sums"] is not None else [float("nan")] * 7
+        n_ok = part["n_ok"]  # the same on every rank: batches are skipped by all ranks together
+        sums = self._rank_mean(part["sums"])  # all ranks' losses, so the channel weights stay identical
+        mean = [v / max(n_ok, 1) for v in sums] if sums is not None else [float("nan")] * 7
         train_components = dict(zip(CHANNELS, mean[1:]))
         entry = EpochLog(epoch=self.epoch, train_loss=mean[0], test_loss=float("nan"),
                          teacher_forcing=tf, active_scales=n_active or 1,
                          lr=self.optimizer.param_groups[0]["lr"], skipped_batches=part["skipped"])
         if (self.epoch + 1) % var.train.eval_every == 0 or self.epoch + 1 >= hp.epochs:
             test_loss, comp, metrics = self.evaluate()
+            if self.dist is not None:  # rank 0's numbers everywhere: the LR schedule may depend on them
+                test_loss, comp, metrics = self.dist.broadcast((test_loss, comp, metrics))
             entry.test_loss, entry.components, entry.metrics = test_loss, comp, metrics
         if hasattr(self.loss, "update_epoch") and n_ok:
             self.loss.update_epoch(train_components)
@@ -334,6 +392,72 @@ class Trainer:
             self.lr_scheduler.step()
         entry.seconds = part["seconds"] + time.perf_counter() - t0
         return entry.__dict__
+
+    # ------------------------------------------------------------------------------ distributed
+    @property
+    def _world_size(self) -> int:
+        return self.dist.world_size if self.dist is not None else 1
+
+    def _rank_tag(self) -> str:
+        return f"rank {self.dist.rank}: " if self.dist is not None and self.dist.active else ""
+
+    def _step_seed(self, step: int) -> int:
+        """Seed of the global torch RNG in a step (teacher-forcing coins, dropout); rank-offset when distributed."""
+        var = self.param.VAR
+        if self.dist is None:
+            return derive_seed(var.seed, self.epoch, step, 1)
+        return derive_seed(var.seed, self.epoch, step, 1, self.dist.rank)
+
+    def _data_seed(self, step: int):
+        """One seed for the batch (single process), or one seed per sample of this rank's slice of the
+        global batch: sample i of (epoch, step) is the same whichever rank simulates it."""
+        var, b = self.param.VAR, self.param.HyperParameter.batch_size
+        if self.dist is None:
+            return derive_seed(var.seed, self.epoch, step, 2)
+        from .distributed import sample_indices
+
+        return [derive_seed(var.seed, self.epoch, step, 2, i) for i in sample_indices(self.dist.rank, b)]
+
+    def _train_forward(self, frames, tgt, n_active):
+        """The task's training forward through the DDP wrapper (gradients are averaged over the ranks)."""
+        if self._ddp is None:
+            return self.task.train_forward(frames, tgt, n_active)
+        model, self.task.model = self.task.model, self._ddp
+        try:
+            return self.task.train_forward(frames, tgt, n_active)
+        finally:
+            self.task.model = model
+
+    def _agree(self, bad_here: bool):
+        """(non-finite on any rank, stop requested on any rank); single process: (bad_here, None)."""
+        if self.dist is None or not self.dist.active:
+            return bad_here, None
+        bad_any, stop = self.dist.any(bad_here, self._stop_requested > 0)
+        if stop and not self._stop_requested:
+            self._stop_requested = 1
+        return bad_any, stop
+
+    def release_ddp(self) -> None:
+        """Drop the DDP wrapper (before the process group ends); the trainer stays usable in this process."""
+        if self._ddp is not None:
+            import gc
+
+            self._ddp = None
+            gc.collect()
+
+    def _any_rank(self, flag) -> bool:
+        if self.dist is None or not self.dist.active:
+            return bool(flag)
+        stop = self.dist.any(bool(flag))[0]
+        if stop and not self._stop_requested:
+            self._stop_requested = 1
+        return stop
+
+    def _rank_mean(self, sums):
+        """Per-rank sums of the step losses -> their mean over the ranks (identity in one process)."""
+        if sums is None or self.dist is None:
+            return sums
+        return [v / self.dist.world_size for v in self.dist.all_reduce(sums)]
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64):
@@ -453,11 +577,15 @@ class _graceful_stop:
 
     def _handler(self, signum, frame):
         self.trainer._stop_requested += 1
+        name = signal.Signals(signum).name
         if self.trainer._stop_requested == 1:
-            _warn(f"received signal {signum}: finishing this step, writing a checkpoint, then stopping "
-                  "(send again to stop at once)")
+            _warn(f"received {name}: finishing this step, writing a checkpoint, then stopping "
+                  "(send it again to stop at once)")
             return
-        raise KeyboardInterrupt("second signal: stopped at once; the last complete checkpoint is intact")
+        # raised wherever the main thread is; an atomic write in progress is abandoned and the file it
+        # would have replaced stays as it was
+        raise TrainingInterrupted(f"second {name}: stopped at once; the last complete checkpoint is intact",
+                                  self.trainer.exp_dir, immediate=True)
 
     def __enter__(self):
         import threading

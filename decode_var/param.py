@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import math
 from importlib import resources
 from pathlib import Path
@@ -78,7 +79,12 @@ class Param:
 
 
 def load_reference() -> dict:
-    """The reference defaults shipped with the package (``decode_var/reference.yaml``)."""
+    """The reference defaults shipped with the package (``decode_var/reference.yaml``); a fresh copy."""
+    return copy.deepcopy(_reference())
+
+
+@functools.lru_cache(maxsize=1)
+def _reference() -> dict:
     text = resources.files("decode_var").joinpath("reference.yaml").read_text()
     return yaml.safe_load(text)
 
@@ -235,6 +241,36 @@ def _require(cond: bool, msg: str) -> None:
         raise ParamError(msg)
 
 
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _check_int(key: str, v, lo: int, hi: float = math.inf, what: str = "") -> None:
+    """``key`` must be a whole number in [lo, hi] (1.0 counts as 1; NaN, inf, true, "1" do not)."""
+    ok = _is_finite(v) and int(v) == v and lo <= v <= hi
+    rng = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+    _require(ok, f"{key} must be an integer {rng}{what}, got {v!r}.")
+
+
+def _check_num(key: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+               what: str = "") -> None:
+    """``key`` must be a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    ok = _is_finite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+    if lo == -math.inf and hi == math.inf:
+        rng = "a finite number"
+    elif hi == math.inf:
+        rng = f"a number {'>' if lo_open else '>='} {lo}"
+    else:
+        rng = f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+    _require(ok, f"{key} must be {rng}{what}, got {v!r}.")
+
+
+def _check_choice(key: str, v, choices) -> None:
+    names = " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
+    _require(isinstance(v, str) and v in choices, f"{key} must be {names}, got {v!r}."
+             + (_suggest(v, choices) if isinstance(v, str) else ""))
+
+
 def _extent(value, key, n_axes=2) -> None:
     _require(isinstance(value, (list, tuple)) and len(value) >= n_axes,
              f"{key} must list [[x0, x1], [y0, y1], ...], got {value!r}.")
@@ -244,88 +280,130 @@ def _extent(value, key, n_axes=2) -> None:
 
 
 def validate(param: Param) -> None:
-    """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix."""
+    """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix.
+
+    Types, finiteness and ranges are checked here, before anything is built: a wrong value never
+    surfaces later as a bare TypeError deep inside a component. (Keys of ``VAR.loss`` and ``VAR.model``
+    are checked by the loss and the model when they are built, with the same kind of message.)
+    """
     from .scales import ScaleSchedule
 
     sim, cam, hp, var = param.Simulation, param.Camera, param.HyperParameter, param.VAR
     img = sim.img_size
-    _require(isinstance(img, (list, tuple)) and len(img) == 2 and all(_is_number(v) and int(v) == v and v >= 4 for v in img),
+    _require(isinstance(img, (list, tuple)) and len(img) == 2 and all(_is_finite(v) and int(v) == v and v >= 4
+                                                                      for v in img),
              f"Simulation.img_size must be two integers >= 4 (px), got {img!r}.")
     _extent(sim.psf_extent, "Simulation.psf_extent")
     mu, sig = _pair(sim.intensity_mu_sig, "Simulation.intensity_mu_sig")
     _require(mu > 0 and sig >= 0, f"Simulation.intensity_mu_sig must be [mean > 0, sd >= 0] photons, got {[mu, sig]}. "
              "Negative photons are not physical.")
     bg = sim.bg_uniform if isinstance(sim.bg_uniform, (list, tuple)) else [sim.bg_uniform, sim.bg_uniform]
-    _require(all(_is_number(b) and b >= 0 for b in bg) and bg[1] >= bg[0],
+    _require(all(_is_finite(b) and b >= 0 for b in bg) and bg[1] >= bg[0],
              f"Simulation.bg_uniform must be >= 0 photons / px with low <= high, got {sim.bg_uniform!r}.")
-    _require(_is_number(sim.emitter_av) and sim.emitter_av >= 0,
-             f"Simulation.emitter_av must be a number >= 0 (emitters per frame), got {sim.emitter_av!r}.")
-    _require(_is_number(sim.lifetime_avg) and sim.lifetime_avg > 0,
-             f"Simulation.lifetime_avg must be > 0 frames, got {sim.lifetime_avg!r}.")
+    _check_num("Simulation.emitter_av", sim.emitter_av, 0, what=" (emitters per frame)")
+    _check_num("Simulation.lifetime_avg", sim.lifetime_avg, 0, lo_open=True, what=" (frames)")
+    _require(sim.intensity_th is None or _is_finite(sim.intensity_th),
+             f"Simulation.intensity_th must be a number (photons) or empty, got {sim.intensity_th!r}.")
     for key in ("qe", "e_per_adu", "read_sigma", "spur_noise", "baseline"):
-        v = getattr(cam, key)
-        _require(_is_number(v) and v >= 0, f"Camera.{key} must be a number >= 0, got {v!r}.")
+        _check_num(f"Camera.{key}", getattr(cam, key), 0)
     _require(0 < cam.qe <= 1, f"Camera.qe must be in (0, 1], got {cam.qe!r}.")
     _require(cam.e_per_adu > 0, f"Camera.e_per_adu must be > 0, got {cam.e_per_adu!r}.")
-    _require(cam.em_gain is None or (_is_number(cam.em_gain) and cam.em_gain > 0),
+    _require(cam.em_gain is None or (_is_finite(cam.em_gain) and cam.em_gain > 0),
              f"Camera.em_gain must be > 0, or empty for an sCMOS camera, got {cam.em_gain!r}.")
+    _require(isinstance(cam.convert2photons, bool), f"Camera.convert2photons must be true or false, "
+             f"got {cam.convert2photons!r}.")
     px = cam.px_size
-    _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_number(v) and v > 0 for v in px),
+    _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_finite(v) and v > 0 for v in px),
              f"Camera.px_size must be two numbers > 0 (nm per px), got {px!r}.")
-    _require(hp.channels_in in (1, 3), f"HyperParameter.channels_in must be 1 or 3 (frame window), got {hp.channels_in!r}.")
-    ch_out = hp.get("channels_out")
-    _require(ch_out in (None, 6), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]) or empty, got {ch_out!r}.")
-    for key in ("batch_size", "pseudo_ds_size"):
+    for key in ("architecture", "loss_impl"):
         v = getattr(hp, key)
-        _require(_is_number(v) and int(v) == v and v >= 1, f"HyperParameter.{key} must be an integer >= 1, got {v!r}.")
-    _require(_is_number(hp.epochs) and int(hp.epochs) == hp.epochs and hp.epochs >= 0,
-             f"HyperParameter.epochs must be an integer >= 0, got {hp.epochs!r}.")
+        _require(isinstance(v, str) and v.strip() != "", f"HyperParameter.{key} must be a name "
+                 f"(see decode_var.registry: list_models(), list_losses()), got {v!r}.")
+    _require(_is_number(hp.channels_in) and hp.channels_in in (1, 3),
+             f"HyperParameter.channels_in must be 1 or 3 (frame window), got {hp.channels_in!r}.")
+    ch_out = hp.get("channels_out")
+    if hp.architecture == "VARMultiScale":
+        _require(ch_out in (None, 6), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]) or empty for "
+                 f"VARMultiScale, got {ch_out!r}.")
+    for key in ("batch_size", "pseudo_ds_size"):
+        _check_int(f"HyperParameter.{key}", getattr(hp, key), 1)
+    _check_int("HyperParameter.epochs", hp.epochs, 0)
     roi = hp.target_roi_size
-    _require(_is_number(roi) and int(roi) == roi and roi >= 1 and roi % 2 == 1,
+    _require(_is_finite(roi) and int(roi) == roi and roi >= 1 and roi % 2 == 1,
              f"HyperParameter.target_roi_size must be an odd integer >= 1 (cells), got {roi!r}.")
+    _require(hp.emitter_label_photon_min is None or (_is_finite(hp.emitter_label_photon_min)
+                                                     and hp.emitter_label_photon_min >= 0),
+             f"HyperParameter.emitter_label_photon_min must be a number >= 0 (photons) or empty, "
+             f"got {hp.emitter_label_photon_min!r}.")
+    _check_int("HyperParameter.max_number_targets", hp.max_number_targets, 1)
     _require(hp.optimizer in ("Adam", "AdamW"), f"HyperParameter.optimizer must be Adam or AdamW, got {hp.optimizer!r}.")
-    _require(isinstance(hp.opt_param, Param) and _is_number(hp.opt_param.get("lr")) and hp.opt_param.lr > 0,
+    _require(isinstance(hp.opt_param, Param) and _is_finite(hp.opt_param.get("lr")) and hp.opt_param.lr > 0,
              f"HyperParameter.opt_param.lr must be a number > 0, got {hp.opt_param!r}.")
+    for key in hp.opt_param.keys():
+        v = hp.opt_param.get(key)
+        _require(isinstance(v, (bool, str)) or _is_finite(v) or (isinstance(v, (list, tuple)) and all(
+                 _is_finite(x) for x in v)), f"HyperParameter.opt_param.{key} must be a finite number (or a list of "
+                 f"them, e.g. betas), got {v!r}.")
     scheds = ("cosine", "StepLR", "ReduceLROnPlateau")
     _require(hp.learning_rate_scheduler in scheds,
              f"HyperParameter.learning_rate_scheduler must be one of {scheds}, got {hp.learning_rate_scheduler!r}."
-             + _suggest(hp.learning_rate_scheduler, scheds))
-    _require(_is_number(param.PostProcessingParam.raw_th) and 0 < param.PostProcessingParam.raw_th < 1,
+             + (_suggest(hp.learning_rate_scheduler, scheds) if isinstance(hp.learning_rate_scheduler, str) else ""))
+    hw = param.Hardware
+    _require(isinstance(hw.device, str) and hw.device.strip() != "",
+             f"Hardware.device must be a device name (cpu, cuda, cuda:0, ...), got {hw.device!r}.")
+    _require(isinstance(hw.device_simulation, str) and hw.device_simulation.strip() != "",
+             f"Hardware.device_simulation must be a device name (cpu, cuda, ...), got {hw.device_simulation!r}.")
+    _check_int("Hardware.torch_threads", hw.torch_threads, 1, 4096)
+    _check_int("Hardware.num_worker_train", hw.num_worker_train, 0, 4096)
+    _check_int("TestSet.test_size", param.TestSet.test_size, 1)
+    for key in ("calibration_file", "checkpoint_init", "experiment_out", "model_init"):
+        v = param.InOut.get(key)
+        _require(v is None or isinstance(v, str), f"InOut.{key} must be a path or empty, got {v!r}.")
+    _require(isinstance(param.InOut.experiment_out, str) and param.InOut.experiment_out.strip() != "",
+             f"InOut.experiment_out must be a folder, got {param.InOut.experiment_out!r}.")
+    _require(_is_finite(param.PostProcessingParam.raw_th) and 0 < param.PostProcessingParam.raw_th < 1,
              f"PostProcessingParam.raw_th must be in (0, 1), got {param.PostProcessingParam.raw_th!r}.")
     _require(param.PostProcessing in (None, "SpatialIntegration", "LookUp"),
              f"PostProcessing must be SpatialIntegration, LookUp or empty, got {param.PostProcessing!r}.")
     ev = param.Evaluation
-    _require(ev.match_dims in (2, 3), f"Evaluation.match_dims must be 2 or 3, got {ev.match_dims!r}.")
+    _require(_is_number(ev.match_dims) and ev.match_dims in (2, 3),
+             f"Evaluation.match_dims must be 2 or 3, got {ev.match_dims!r}.")
     for key in ("dist_lat", "dist_ax"):
         v = getattr(ev, key)
         _require(_is_number(v) and v > 0, f"Evaluation.{key} must be > 0 nm, got {v!r}.")
+    _require(ev.dist_vol is None or (_is_number(ev.dist_vol) and ev.dist_vol > 0),
+             f"Evaluation.dist_vol must be > 0 nm or empty, got {ev.dist_vol!r}.")
     for key in ("input_scale", "phot_max", "z_max", "bg_max"):
         v = getattr(param.Scaling, key)
         _require(_is_number(v) and v > 0 and math.isfinite(v),
                  f"Scaling.{key} must be > 0 (derived from Simulation when empty), got {v!r}. "
                  f"Set it, or fix the Simulation values it is derived from.")
-    _require(var.backend in ("auto", "decode", "builtin"),
-             f"VAR.backend must be auto, decode or builtin, got {var.backend!r}.")
-    _require(var.psf in ("gaussian", "spline"), f"VAR.psf must be gaussian or spline, got {var.psf!r}.")
+    _require(_is_finite(param.Scaling.input_offset),
+             f"Scaling.input_offset must be a number (photons / px; derived from Simulation.bg_uniform when "
+             f"empty), got {param.Scaling.input_offset!r}.")
+    _check_choice("VAR.backend", var.backend, ("auto", "decode", "builtin"))
+    _check_choice("VAR.psf", var.psf, ("gaussian", "spline"))
     _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
     ScaleSchedule(img, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
     g = var.gaussian_psf
     for key in ("sigma_0", "rl_range"):
-        v = getattr(g, key)
-        _require(v > 0, f"VAR.gaussian_psf.{key} must be > 0, got {v!r}.")
-    _require(isinstance(var.seed, int) and not isinstance(var.seed, bool) and var.seed >= 0,
-             f"VAR.seed must be an integer >= 0, got {var.seed!r}.")
+        _check_num(f"VAR.gaussian_psf.{key}", getattr(g, key), 0, lo_open=True)
+    _check_num("VAR.gaussian_psf.foc_shift", g.foc_shift, what=" (nm)")
+    _require(isinstance(g.mode_3d, bool), f"VAR.gaussian_psf.mode_3d must be true or false, got {g.mode_3d!r}.")
+    for key in ("seed", "test_seed"):  # torch seeds must fit in 64 bits
+        v = getattr(var, key)
+        _require(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63,
+                 f"VAR.{key} must be an integer in [0, 2^63), got {v!r}.")
     tf = var.teacher_forcing
     for key in ("start", "end"):
-        v = getattr(tf, key)
-        _require(0 <= v <= 1, f"VAR.teacher_forcing.{key} must be a probability in [0, 1], got {v!r}.")
-    _require(tf.epochs >= 0, f"VAR.teacher_forcing.epochs must be >= 0, got {tf.epochs!r}.")
+        _check_num(f"VAR.teacher_forcing.{key}", getattr(tf, key), 0, 1, what=" (a probability)")
+    _check_int("VAR.teacher_forcing.epochs", tf.epochs, 0)
     tr = var.train
-    _require(tr.grad_clip >= 0, f"VAR.train.grad_clip must be >= 0 (0 = off), got {tr.grad_clip!r}.")
-    _require(tr.max_nonfinite_in_row >= 1,
-             f"VAR.train.max_nonfinite_in_row must be >= 1, got {tr.max_nonfinite_in_row!r}.")
-    _require(tr.warmup_epochs >= 0, f"VAR.train.warmup_epochs must be >= 0, got {tr.warmup_epochs!r}.")
-    _require(tr.eval_every >= 1, f"VAR.train.eval_every must be >= 1, got {tr.eval_every!r}.")
+    _check_num("VAR.train.grad_clip", tr.grad_clip, 0, what=" (0 = off)")
+    _check_int("VAR.train.max_nonfinite_in_row", tr.max_nonfinite_in_row, 1)
+    _check_int("VAR.train.warmup_epochs", tr.warmup_epochs, 0)
+    _check_int("VAR.train.eval_every", tr.eval_every, 1)
+    _require(isinstance(tr.plot, bool), f"VAR.train.plot must be true or false, got {tr.plot!r}.")
     if var.psf == "spline" and not param.InOut.calibration_file:
         raise ParamError("VAR.psf is spline but InOut.calibration_file is empty. Set it to your SMAP spline "
                          "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")

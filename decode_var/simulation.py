@@ -206,6 +206,24 @@ class Simulator:
         bg_NHW = bg_N[:, None, None].expand(n_samples, *frames.shape[-2:]).clone()
         return Batch(frames_NCHW, em, bg_NHW, em_all)
 
+    def sample_seeded(self, seeds) -> Batch:
+        """One window per seed: sample i is ``sample(1, seeds[i])``, so it depends only on its own seed.
+
+        Distributed training gives every sample of the global batch its own seed; a rank simulates
+        its slice, and any split of the global batch over ranks yields the same samples.
+        """
+        parts = [self.sample(1, int(s)) for s in seeds]
+        # emitter ids restart at 0 in every sample; shift them so that they stay unique in the batch
+        offset = 0
+        for b in parts:
+            b.em.id, b.em_all.id = b.em.id + offset, b.em_all.id + offset
+            if len(b.em_all):
+                offset = int(b.em_all.id.max()) + 1
+        return Batch(torch.cat([b.frames_NCHW for b in parts], 0),
+                     EmitterSet.cat([b.em for b in parts], step_frame_ix=1),
+                     torch.cat([b.bg_NHW for b in parts], 0),
+                     EmitterSet.cat([b.em_all for b in parts], step_frame_ix=self.frame_window))
+
 
 class FrameScale:
     """Camera frames (photons) -> network input: (x - input_offset) / input_scale (DECODE's AmplitudeRescale)."""

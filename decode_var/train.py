@@ -76,7 +76,28 @@ def setup_experiment(param_file: Path, param, debug: bool, comment: Optional[str
 def train(param_file, device: Optional[str] = None, debug: bool = False, no_log: bool = False,
           num_worker_override: Optional[int] = None, log_folder: str = "runs", log_comment: Optional[str] = None,
           trust_pickle: bool = False, progress: bool = True, overrides: Optional[dict] = None):
-    """Programmatic entry point; returns the :class:`~decode_var.engine.Trainer` after training."""
+    """Programmatic entry point; returns the :class:`~decode_var.engine.Trainer` after training.
+
+    Launched by torchrun with ``WORLD_SIZE > 1``, every rank joins the process group and trains one
+    model with DDP (see :mod:`decode_var.distributed`); the group is left again at the end.
+    """
+    from . import distributed
+
+    try:
+        return _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle,
+                      progress, overrides)
+    except RuntimeError as err:
+        ctx = distributed.current()
+        if ctx is not None and not isinstance(err, DecodeVarError) and distributed.is_comm_error(err):
+            raise ctx.lost_contact(err) from err
+        raise
+    finally:
+        distributed.shutdown_owned()
+
+
+def _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle, progress,
+           overrides):
+    from . import distributed
     from .checkpoint import load_checkpoint, load_model_weights
     from .engine import Trainer
     from .param import load_param
@@ -95,21 +116,46 @@ def train(param_file, device: Optional[str] = None, debug: bool = False, no_log:
     torch.set_num_threads(int(param.Hardware.torch_threads))
     if param.Hardware.device_simulation != "cpu" and device == "cpu":
         param.Hardware.device_simulation = "cpu"
-    state = load_checkpoint(param.InOut.checkpoint_init) if param.InOut.checkpoint_init else None
-    exp, resuming = setup_experiment(param_file, param, debug, log_comment)
-    tb_dir = None if no_log else Path(log_folder) / exp.name
-    trainer = Trainer(param, exp, device=device, log=True, tb_dir=tb_dir, progress=progress)
+    ctx = None
+    if distributed.launched_distributed():
+        timeout = getattr(param.VAR.train, "ddp_timeout", distributed.DEFAULT_TIMEOUT_S)
+        ctx, device = distributed.init_from_env(device, timeout)
+    is_main = ctx is None or ctx.is_main
+    # files are read and written by rank 0 alone; its result (or error) reaches every rank
+    on_main = ctx.run_on_main if ctx is not None else (lambda fn: fn())
+    state = on_main(lambda: load_checkpoint(param.InOut.checkpoint_init)) if param.InOut.checkpoint_init else None
+    # build every part before the experiment folder exists: a bad param leaves nothing behind
+    trainer = Trainer(param, None, device=device, log=True, progress=progress, dist=ctx)
+    if state is None and param.InOut.model_init:
+        def init_weights():  # in a distributed run DDP copies rank 0's weights to the other ranks
+            load_model_weights(trainer.model, param.InOut.model_init, trusted=trust_pickle)
+
+        on_main(init_weights)
+    exp, resuming = on_main(lambda: setup_experiment(param_file, param, debug, log_comment))
+    trainer.exp_dir = exp
+    if not no_log and is_main:
+        trainer.open_tensorboard(Path(log_folder) / exp.name)
     if state is not None:
         trainer.load_state_dict(state)
-        print(f"[decode-var] resuming {exp} at epoch {trainer.epoch}"
-              + (f", step {trainer._partial['step']}" if trainer._partial else ""), file=sys.stderr)
-    elif param.InOut.model_init:
-        load_model_weights(trainer.model, param.InOut.model_init, trusted=trust_pickle)
-    if progress:
+        if is_main:
+            print(f"[decode-var] resuming {exp} at epoch {trainer.epoch}"
+                  + (f", step {trainer._partial['step']}" if trainer._partial else ""), file=sys.stderr)
+    if progress and is_main:
+        where = f"  ranks {ctx.world_size} ({ctx.backend}), global batch " \
+                f"{param.HyperParameter.batch_size * ctx.world_size}" if ctx is not None else ""
         print(f"[decode-var] experiment {exp}  backend {trainer.backend.name}  model "
-              f"{param.HyperParameter.architecture}  loss {param.HyperParameter.loss_impl}  device {device}",
+              f"{param.HyperParameter.architecture}  loss {param.HyperParameter.loss_impl}  device {device}{where}",
               file=sys.stderr)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except RuntimeError as err:
+        if ctx is not None and not isinstance(err, DecodeVarError) and distributed.is_comm_error(err):
+            raise ctx.lost_contact(err, exp) from err
+        raise
+    finally:
+        # the DDP wrapper holds the process group: drop it before the group is destroyed, or gloo's
+        # threads outlive it and abort the process at exit
+        trainer.release_ddp()
     return trainer
 
 
@@ -118,6 +164,7 @@ def resume_command(param_file: Path, exp: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status: 0 done, 2 user error (message names the fix), 3 diverged, 130 stopped by a signal."""
     from .engine import TrainingDiverged, TrainingInterrupted
 
     args = parse_args(argv)
@@ -127,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               args.log_comment, args.trust_pickle, progress=not args.no_progress, overrides=overrides)
     except TrainingInterrupted as err:
         print(f"decode-var-train: {err}.", file=sys.stderr)
-        print("Resume with:\n  " + _resume_hint(args.param_file, err), file=sys.stderr)
+        print(_resume_hint(args, err), file=sys.stderr)
         return 130
     except TrainingDiverged as err:
         print(f"decode-var-train: {err}", file=sys.stderr)
@@ -135,17 +182,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DecodeVarError as err:
         print(f"decode-var-train: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
-        print(f"decode-var-train: {err or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # before training started: nothing to save
+        print(f"decode-var-train: {err or 'interrupted before training started'}", file=sys.stderr)
         return 130
     return 0
 
 
-def _resume_hint(param_file, err) -> str:
+def _resume_hint(args, err) -> str:
+    """The exact command that resumes the interrupted run (same program, flags and device)."""
+    import os
+    import shlex
+
     exp = getattr(err, "exp_dir", None)
     if exp is None:
-        return "decode-var-train -p <experiment>/param_run.yaml --resume <experiment>/ckpt.pt"
-    return resume_command(Path(param_file), Path(exp))
+        return "Resume with:\n  decode-var-train -p <experiment>/param_run.yaml --resume <experiment>/ckpt.pt"
+    exp = Path(os.path.abspath(exp))
+    ckpt = exp / "ckpt.pt"
+    if not ckpt.is_file():
+        return f"No checkpoint was written before the stop ({exp} has no ckpt.pt): start the run again."
+    main_file = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if main_file.name == "train.py" and main_file.parent.name == "decode_var":  # python -m decode_var.train
+        prog = [sys.executable, "-m", "decode_var.train"]
+    else:
+        prog = ["decode-var-train"]
+    param_run = exp / ("param_run" + Path(args.param_file).suffix)
+    cmd = prog + ["-p", str(param_run), "--resume", str(ckpt)]
+    if args.device:
+        cmd += ["-i", args.device]
+    if args.num_worker_override is not None:
+        cmd += ["-w", str(args.num_worker_override)]
+    if args.no_log:
+        cmd.append("-n")
+    if args.log_folder != "runs":
+        cmd += ["-l", args.log_folder]
+    if args.no_progress:
+        cmd.append("--no-progress")
+    return "Resume with:\n  " + shlex.join(cmd)
 
 
 if __name__ == "__main__":
