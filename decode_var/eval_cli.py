@@ -111,7 +111,11 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
 
         stack = TiffStack(frames)
         ems = []
+        from .fit import check_stack_values
+
         for centre, frames_NCHW in window_batches(stack, 64, pred.channels_in):
+            frames_NCHW = check_stack_values(frames_NCHW, int(centre[0]), False, adu=bool(param.Camera.convert2photons),
+                                             n_frames=len(stack))  # the same guards as fitting
             ems.append(pred.predict(pred.adu_to_photons(frames_NCHW), first_frame=int(centre[0])))
         from .emitters import EmitterSet
 
