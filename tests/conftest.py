@@ -5,6 +5,11 @@ Tests marked ``decode`` compare decode-var's built-in backend with real DECODE 0
 """
 import pytest
 import torch
+from hypothesis import settings
+
+# Seed every random source, Hypothesis included: CI runs the same examples every time.
+settings.register_profile("decode_var", derandomize=True, database=None, deadline=None)
+settings.load_profile("decode_var")
 
 from decode_var.backend import decode_status
 
