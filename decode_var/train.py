@@ -159,10 +159,6 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
     return trainer
 
 
-def resume_command(param_file: Path, exp: Path) -> str:
-    return f"decode-var-train -p {exp / ('param_run' + param_file.suffix)} --resume {exp / 'ckpt.pt'}"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: 0 done, 2 user error (message names the fix), 3 diverged, 130 stopped by a signal."""
     from .engine import TrainingDiverged, TrainingInterrupted
