@@ -34,10 +34,9 @@ def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: S
     Returns:
         (ctr_x (img_shape[0],), ctr_y (img_shape[1],)) in input px.
     """
-    edges_x = torch.linspace(float(xextent[0]), float(xextent[1]), int(img_shape[0]) + 1)
-    edges_y = torch.linspace(float(yextent[0]), float(yextent[1]), int(img_shape[1]) + 1)
-    ctr_x = (edges_x + (edges_x[1] - edges_x[0]) / 2)[:-1]
-    ctr_y = (edges_y + (edges_y[1] - edges_y[0]) / 2)[:-1]
+    from .targets import frame_grid  # one grid definition for targets and post-processing
+
+    _, _, ctr_x, ctr_y = frame_grid([int(s) for s in img_shape], xextent, yextent)
     return ctr_x, ctr_y
 
 

@@ -66,8 +66,9 @@ class GaussianPSF:
     def __init__(self, xextent, yextent, img_shape, sigma_0: float = 1.0, foc_shift: float = 250.0,
                  rl_range: float = 280.0, mode_3d: bool = True):
         self.img_shape = tuple(int(s) for s in img_shape)
-        self.edge_x = torch.linspace(float(xextent[0]), float(xextent[1]), self.img_shape[0] + 1)
-        self.edge_y = torch.linspace(float(yextent[0]), float(yextent[1]), self.img_shape[1] + 1)
+        from .targets import frame_grid
+
+        self.edge_x, self.edge_y, _, _ = frame_grid(self.img_shape, xextent, yextent)
         self.sigma_0, self.foc_shift, self.rl_range, self.mode_3d = sigma_0, foc_shift, rl_range, mode_3d
 
     @classmethod
