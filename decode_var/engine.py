@@ -196,6 +196,7 @@ class Trainer:
         self.task = self.backend.make_task(param, self.model, self.loss) if hasattr(self.backend, "make_task") \
             and not isinstance(self.loss, _six_channel_losses()) else SixChannelTask(param, self.backend, self.model,
                                                                                       self.loss)
+        self._grad_clip = grad_clip_norm(param)
         opt_cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[hp.optimizer]
         self.optimizer = opt_cls(self.model.parameters(), **param.HyperParameter.opt_param.to_dict())
         self.lr_scheduler = build_lr_scheduler(param, self.optimizer)
@@ -335,8 +336,7 @@ class Trainer:
                 reason = "non-finite loss on another rank"
             else:
                 loss.backward()
-                clip = var.train.grad_clip if var.train.grad_clip > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._grad_clip)
                 if not torch.isfinite(gnorm):
                     reason = "gradient norm is not finite"
             part["step"] = step + 1
@@ -541,6 +541,18 @@ def _to_device(tgt, device):
     if isinstance(tgt, (list, tuple)):
         return type(tgt)(_to_device(t, device) for t in tgt)
     return tgt
+
+
+DECODE_GRAD_MOD_NORM = 0.03  # the max-norm DECODE's train_val_impl.train clips to when HyperParameter.grad_mod is true
+
+
+def grad_clip_norm(param) -> float:
+    """Max gradient norm of a step: DECODE's 0.03 when ``HyperParameter.grad_mod`` is true (DECODE's
+    flag, as its training loop reads it), else ``VAR.train.grad_clip`` (0 = no clipping)."""
+    if getattr(param.HyperParameter, "grad_mod", None) is True:
+        return DECODE_GRAD_MOD_NORM
+    clip = param.VAR.train.grad_clip
+    return clip if clip > 0 else float("inf")
 
 
 def _slice(tgt, sl):

@@ -31,18 +31,39 @@ class ParamKeyError(ParamError, AttributeError):
     """A key that is read does not exist (an AttributeError too, so ``getattr(p, k, default)`` works)."""
 
 
+_RESERVED = frozenset({"keys", "get", "to_dict"})
+
+
 class Param:
     """Attribute-access view of a nested dict (DECODE's ``RecursiveNamespace`` convention)."""
 
     def __init__(self, _path: str = "", **entries):
         object.__setattr__(self, "_path", _path)
+        self._fill(entries)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str = "") -> "Param":
+        """Like ``Param(**data)``, for any dict (a key named like an argument is refused, not a TypeError)."""
+        out = cls(path)
+        out._fill(data)
+        return out
+
+    def _fill(self, entries: dict) -> None:
+        _path = self._path
         for key, value in entries.items():
+            if not isinstance(key, str):
+                where = f"section '{_path}'" if _path else "the top level"
+                raise ParamError(f"Param key {key!r} at {where} is not text. Write it as a name (a YAML string key).")
+            if key.startswith("_") or key in _RESERVED:
+                where = f"section '{_path}'" if _path else "the top level"
+                raise ParamError(f"Param key '{key}' at {where} is not allowed: keys starting with '_' and the names "
+                                 f"{', '.join(sorted(_RESERVED))} are reserved. Rename or remove it.")
             object.__setattr__(self, key, self._wrap(value, f"{_path}.{key}" if _path else key))
 
     @staticmethod
     def _wrap(value, path):
         if isinstance(value, dict):
-            return Param(path, **value)
+            return Param.from_dict(value, path)
         return value
 
     def __getattr__(self, key):
@@ -191,7 +212,7 @@ def param_from_dict(data: dict, overrides: dict | None = None, source: str = "pa
     if "VAR" in data and data["VAR"] is None:
         data["VAR"] = {}
     filled = autofill(data, load_reference())
-    param = Param(**filled)
+    param = Param.from_dict(filled)
     autoset_scaling(param)
     validate(param)
     return param
@@ -400,6 +421,14 @@ def validate(param: Param) -> None:
     _check_int("VAR.teacher_forcing.epochs", tf.epochs, 0)
     tr = var.train
     _check_num("VAR.train.grad_clip", tr.grad_clip, 0, what=" (0 = off)")
+    hp = param.HyperParameter
+    grad_mod = getattr(hp, "grad_mod", None)
+    _require(grad_mod is None or isinstance(grad_mod, bool),
+             f"HyperParameter.grad_mod must be true (DECODE's gradient clipping at norm 0.03), false or empty "
+             f"(VAR.train.grad_clip applies), got {grad_mod!r}.")
+    _require(not getattr(hp, "moeller_gradient_rescale", None),
+             "HyperParameter.moeller_gradient_rescale: true is not supported by decode-var's engine. Set it to "
+             "false (DECODE's default); VAR.train.grad_clip or HyperParameter.grad_mod bound the gradients.")
     _check_int("VAR.train.max_nonfinite_in_row", tr.max_nonfinite_in_row, 1)
     _check_int("VAR.train.warmup_epochs", tr.warmup_epochs, 0)
     _check_int("VAR.train.eval_every", tr.eval_every, 1)

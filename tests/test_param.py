@@ -83,3 +83,13 @@ def test_reference_is_complete_for_var():
     # the reference itself must validate
     param_from_dict(copy.deepcopy(ref))
     yaml.safe_dump(ref)
+
+
+@pytest.mark.parametrize("section, key", [(None, "__dict__"), (None, "_path"), ("Camera", "_path"),
+                                          ("HyperParameter", "keys"), ("Simulation", "to_dict"), ("Camera", 3)])
+def test_reserved_or_non_text_keys_are_refused(section, key):
+    """Found by the param fuzzer: such keys used to raise a bare TypeError from the namespace."""
+    data = {"Camera": {"px_size": [100.0, 100.0]}}
+    (data if section is None else data.setdefault(section, {}))[key] = {"a": 1} if section is None else 1
+    with pytest.raises(ParamError, match="Param key"):
+        param_from_dict(data)

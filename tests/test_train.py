@@ -138,3 +138,30 @@ def test_tiny_training_through_decode_backend(tmp_path):
     trainer = train(p, log_comment="dec", progress=False)
     assert trainer.backend.name == "decode"
     assert (trainer.exp_dir / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("grad_mod, grad_clip, expected", [(True, 1.0, 0.03), (False, 0.5, 0.5), (None, 0.5, 0.5),
+                                                           (None, 0.0, float("inf"))])
+def test_grad_mod_clips_like_decode(tmp_path, monkeypatch, grad_mod, grad_clip, expected):
+    """HyperParameter.grad_mod: true is DECODE's clip_grad_norm_(max_norm=0.03); otherwise VAR.train.grad_clip."""
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        seen.append(max_norm)
+        return real(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    hp = {**TINY["HyperParameter"], "epochs": 1, "grad_mod": grad_mod}
+    p = write_param(tmp_path, HyperParameter=hp, VAR={**TINY["VAR"], "train": {"plot": False, "grad_clip": grad_clip}})
+    train(p, progress=False, no_log=True)
+    assert seen and all(m == expected for m in seen)
+
+
+@pytest.mark.parametrize("hp, needle", [({"grad_mod": "yes"}, "HyperParameter.grad_mod"),
+                                        ({"moeller_gradient_rescale": True}, "moeller_gradient_rescale")])
+def test_unsupported_gradient_flags_are_refused(tmp_path, hp, needle):
+    p = write_param(tmp_path, HyperParameter={**TINY["HyperParameter"], **hp})
+    with pytest.raises(ParamError, match=needle):
+        train(p, progress=False, no_log=True)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
