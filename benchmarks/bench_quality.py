@@ -1,6 +1,7 @@
 """Localization quality at an equal CPU training budget, VARMultiScale against SigmaMUNet and ablations.
 
-    python benchmarks/bench_quality.py [--minutes 10] [--density] [--models NAME ...] [--out DIR]
+    python benchmarks/bench_quality.py [--minutes 10] [--density | --densities N ...] [--models NAME ...]
+                                       [--evals 5] [--out DIR]
 
 One fixed, seeded problem: 40 x 40 px frames, astigmatic Gaussian PSF, EMCCD camera, photons
 7000 +- 3000, background 20-200 photons / px, about 6 emitters per frame, 3-frame window. Every model
@@ -173,9 +174,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per model (default 10)")
     ap.add_argument("--density", action="store_true", help="also at about 2 and 15 emitters per frame")
+    ap.add_argument("--densities", type=float, nargs="+", default=None, metavar="N",
+                    help="emitters per frame to run at (default 6; --density is 6 2 15)")
     ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS), metavar="NAME")
     ap.add_argument("--evals", type=int, default=5, help="evaluations along the training curve")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    dens = (6.0, 2.0, 15.0) if args.density else (6.0,)
+    dens = tuple(args.densities) if args.densities else (6.0, 2.0, 15.0) if args.density else (6.0,)
     print(markdown(run(args.minutes, dens, args.models, args.evals, args.out)))

@@ -9,6 +9,7 @@ all); the README's figures come from the default settings unless the table's com
 from __future__ import annotations
 
 import argparse
+import shlex
 import datetime
 import re
 import subprocess
@@ -21,7 +22,16 @@ BENCHES = {
     "data": (["benchmarks/bench_data.py"], ["--repeats", "2"]),
     "model": (["benchmarks/bench_model.py", "--sizes", "40", "128"], ["--sizes", "40", "--repeats", "2"]),
     "stability": (["benchmarks/bench_stability.py"], ["--steps", "200"]),
-    "quality": (["benchmarks/bench_quality.py", "--minutes", "10"], ["--minutes", "0.5", "--evals", "1"]),
+    "quality": (["benchmarks/bench_quality.py", "--minutes", "10", "--evals", "4", "--out", "benchmarks/results/quality"],
+                ["--minutes", "0.5", "--evals", "1", "--out", "out/bench_quick/quality"]),
+    # the density tables: our model, DECODE's and the two ablations without next-scale conditioning
+    "quality_density": (["benchmarks/bench_quality.py", "--minutes", "3", "--evals", "2", "--densities", "2", "15",
+                         "--models", "VARMultiScale + AdaptivePPXYZB", "SigmaMUNet + GaussianMMLoss (DECODE)",
+                         "ablation: single scale", "ablation: independent heads",
+                         "--out", "benchmarks/results/quality_density"],
+                        ["--minutes", "0.5", "--evals", "1", "--densities", "2", "15",
+                         "--models", "VARMultiScale + AdaptivePPXYZB", "ablation: single scale",
+                         "--out", "out/bench_quick/quality_density"]),
     "reliability": (["benchmarks/bench_reliability.py"], ["--kills", "3", "--fuzz", "50"]),
     "ddp": (["benchmarks/bench_ddp.py"], []),
 }
@@ -54,14 +64,18 @@ def main(argv=None) -> int:
     for name in args.only:
         cmd, quick = BENCHES[name]
         cmd = cmd[:1] + (quick if args.quick else cmd[1:])
-        shown = "python " + " ".join(cmd)
+        shown = "python " + shlex.join(cmd)
         print(f"[run_all] {shown}", flush=True)
-        res = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
-            return res.returncode
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:  # echoed as it comes: the long benchmarks report progress
+            print(line, end="", flush=True)
+            lines.append(line)
+        if proc.wait() != 0:
+            print(f"[run_all] {name} failed (exit {proc.returncode}); README left as it was", file=sys.stderr)
+            return proc.returncode
         stamp = datetime.date.today().isoformat()
-        body = f"`{shown}` ({stamp}, this machine's 2 CPU cores)\n\n{table_of(res.stdout)}"
+        body = f"`{shown}` ({stamp}, this machine's 2 CPU cores)\n\n{table_of(''.join(lines))}"
         readme = replace_block(readme, name, body)
         args.readme.write_text(readme)
     return 0
