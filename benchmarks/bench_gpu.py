@@ -107,7 +107,7 @@ def end_to_end(epochs: int, out: Path, device: str = "cuda") -> dict:
     exp = trainer.exp_dir
     metrics = run_eval(exp / "param_run.yaml", exp / "model.pt", exp / "eval", device=device, report=False)
     param = load_param(exp / "param_run.yaml")
-    frames = trainer.test_set()[1][:32]
+    frames = trainer.test_set()[1][:32].cpu()
     p_gpu = Predictor(param, exp / "model.pt", device=device)
     p_cpu = Predictor(param, exp / "model.pt", device="cpu")
     with torch.no_grad():

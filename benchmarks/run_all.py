@@ -1,6 +1,8 @@
 """Run every benchmark and write its table into README.md, so the tables are regenerated, not hand-edited.
 
-    python benchmarks/run_all.py [--quick] [--only data model stability quality reliability ddp]
+    python benchmarks/run_all.py [--quick] [--only data model stability quality quality_density reliability ddp gpu]
+
+``gpu`` needs a CUDA device and runs only when named.
 
 Each table sits between ``<!-- BEGIN bench:NAME -->`` and ``<!-- END bench:NAME -->`` in README.md,
 with the exact command that produced it. ``--quick`` uses short settings (smoke run, a few minutes in
@@ -34,7 +36,9 @@ BENCHES = {
                          "--out", "out/bench_quick/quality_density"]),
     "reliability": (["benchmarks/bench_reliability.py"], ["--kills", "3", "--fuzz", "50"]),
     "ddp": (["benchmarks/bench_ddp.py"], []),
+    "gpu": (["benchmarks/bench_gpu.py", "--epochs", "6"], ["--epochs", "1"]),  # needs CUDA: only with --only gpu
 }
+DEFAULT = [name for name in BENCHES if name != "gpu"]
 
 
 def table_of(stdout: str) -> str:
@@ -57,7 +61,7 @@ def replace_block(text: str, name: str, body: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke settings")
-    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=list(BENCHES))
+    ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=DEFAULT)
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
     readme = args.readme.read_text()

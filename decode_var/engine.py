@@ -285,6 +285,10 @@ class Trainer:
             from .distributed import wrap_model
 
             self._ddp = wrap_model(self.model, self.dist)  # after any resume: starts from rank 0's weights
+        if self.history and self.log_enabled:
+            # a run killed between its checkpoint and its log files leaves them one epoch behind: the
+            # checkpoint's history is the truth, also when nothing is left to train
+            self._write_history()
         with _graceful_stop(self):
             while self.epoch < epochs:
                 entry = self.train_epoch()
@@ -492,9 +496,7 @@ class Trainer:
     def _log_epoch(self, entry: dict) -> None:
         if not self.log_enabled:
             return
-        from .atomic import atomic_write_text
-
-        atomic_write_text(self.exp_dir / "history.json", json.dumps(self.history, indent=1, default=float))
+        self._write_history()
         m = entry.get("metrics", {})
         if self.progress:
             print(f"epoch {entry['epoch']}: train {entry['train_loss']:.4f} test {entry['test_loss']:.4f} "
@@ -509,6 +511,12 @@ class Trainer:
             for k, v in {**entry["components"], **m}.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"eval/{k}", v, e)
+
+    def _write_history(self) -> None:
+        """history.json and training_curves.png from ``self.history`` (the checkpoint's, after a resume)."""
+        from .atomic import atomic_write_text
+
+        atomic_write_text(self.exp_dir / "history.json", json.dumps(self.history, indent=1, default=float))
         if self.param.VAR.train.plot:
             from .plots import plot_training_curves
 

@@ -197,7 +197,16 @@ def _resume_hint(args, err) -> str:
     if not ckpt.is_file():
         return f"No checkpoint was written before the stop ({exp} has no ckpt.pt): start the run again."
     main_file = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
-    if main_file.name == "train.py" and main_file.parent.name == "decode_var":  # python -m decode_var.train
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    note = ""
+    if world > 1:  # launched by torchrun: resume the same way, every rank loads the same checkpoint
+        nnodes = max(world // max(local, 1), 1)
+        prog = ["torchrun"] + ([f"--nnodes={nnodes}"] if nnodes > 1 else []) + [f"--nproc_per_node={local}", "-m",
+                                                                                 "decode_var.train"]
+        if nnodes > 1:
+            note = ("\n(on every machine, with the --node_rank / --master_addr or --rdzv_* flags of the first run;"
+                    " only rank 0's machine reads the checkpoint and sends it to the others)")
+    elif main_file.name == "train.py" and main_file.parent.name == "decode_var":  # python -m decode_var.train
         prog = [sys.executable, "-m", "decode_var.train"]
     else:
         prog = ["decode-var-train"]
@@ -213,7 +222,7 @@ def _resume_hint(args, err) -> str:
         cmd += ["-l", args.log_folder]
     if args.no_progress:
         cmd.append("--no-progress")
-    return "Resume with:\n  " + shlex.join(cmd)
+    return "Resume with:\n  " + shlex.join(cmd) + note
 
 
 if __name__ == "__main__":

@@ -165,3 +165,42 @@ def test_unsupported_gradient_flags_are_refused(tmp_path, hp, needle):
     with pytest.raises(ParamError, match=needle):
         train(p, progress=False, no_log=True)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("world, local, expect", [
+    ("1", "1", None),
+    ("4", "4", ["torchrun", "--nproc_per_node=4", "-m", "decode_var.train"]),
+    ("8", "4", ["torchrun", "--nnodes=2", "--nproc_per_node=4", "-m", "decode_var.train"]),
+])
+def test_resume_hint_repeats_the_launcher(tmp_path, monkeypatch, world, local, expect):
+    """A run stopped under torchrun is resumed under torchrun with the same process layout."""
+    import shlex
+    from types import SimpleNamespace
+
+    from decode_var.train import _resume_hint, parse_args
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "ckpt.pt").write_bytes(b"x")
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    monkeypatch.setattr("sys.argv", ["/usr/bin/decode-var-train"])
+    hint = _resume_hint(parse_args(["-p", "p.yaml", "-i", "cpu"]), SimpleNamespace(exp_dir=exp))
+    cmd = shlex.split(hint.splitlines()[1])
+    tail = ["-p", str(exp / "param_run.yaml"), "--resume", str(exp / "ckpt.pt"), "-i", "cpu"]
+    assert cmd == (expect or ["decode-var-train"]) + tail
+    assert ("on every machine" in hint) == (expect is not None and "--nnodes=2" in expect)
+
+
+def test_resume_rewrites_log_files_left_behind_by_a_kill(tmp_path):
+    """A kill between ckpt.pt and history.json / the plot leaves them an epoch behind; resuming (even a
+    complete run) rewrites them from the checkpoint's history."""
+    p = write_param(tmp_path, VAR={**TINY["VAR"], "train": {"plot": True}})
+    exp = train(p, log_comment="k", progress=False, no_log=True).exp_dir
+    full = json.loads((exp / "history.json").read_text())
+    (exp / "history.json").write_text(json.dumps(full[:1]))  # as if killed before the last log write
+    (exp / "training_curves.png").unlink()
+    train(exp / "param_run.yaml", progress=False, no_log=True,
+          overrides={"InOut": {"checkpoint_init": str(exp / "ckpt.pt")}})
+    assert json.loads((exp / "history.json").read_text()) == full
+    assert (exp / "training_curves.png").is_file()
