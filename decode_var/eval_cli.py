@@ -23,15 +23,13 @@ from .errors import DecodeVarError, InputDataError
 
 
 def parse_args(argv=None):
+    from .inference import add_model_arguments
+
     p = argparse.ArgumentParser(prog="decode-var-eval", description="Evaluate a trained model.")
-    p.add_argument("-p", "--param_file", required=True, help="the experiment's param_run.yaml")
-    p.add_argument("--model", required=True, help="model.pt (or the experiment folder)")
-    p.add_argument("--frames", default=None, help="TIFF stack to evaluate on (default: simulate the test set)")
+    add_model_arguments(p, frames_help="TIFF stack to evaluate on (default: simulate the test set)")
     p.add_argument("--emitters", default=None, help="ground truth for --frames (.csv, .h5, .pt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=None, help="simulated test-set size (default TestSet.test_size)")
-    p.add_argument("-i", "--device", default="cpu")
-    p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling of --model")
     p.add_argument("--no-report", action="store_true", help="skip report.png")
     return p.parse_args(argv)
 

@@ -32,16 +32,14 @@ from .errors import DecodeVarError, InputDataError
 
 
 def parse_args(argv=None):
+    from .inference import add_model_arguments
+
     p = argparse.ArgumentParser(prog="decode-var-fit", description="Fit emitters in a TIFF stack.")
-    p.add_argument("-p", "--param_file", required=True, help="the experiment's param_run.yaml")
-    p.add_argument("--model", required=True, help="model.pt (or the experiment folder)")
-    p.add_argument("--frames", required=True, help="TIFF stack (frames in ADU when Camera.convert2photons)")
+    add_model_arguments(p, frames_help=None)
     p.add_argument("--out", required=True, help="emitter file: .h5, .csv or .pt (DECODE's formats)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("-i", "--device", default="cpu")
     p.add_argument("--mask-nonfinite", action="store_true",
                    help="replace NaN/Inf pixels by the median of the frame's finite pixels instead of stopping")
-    p.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling of --model")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

@@ -90,6 +90,16 @@ class Predictor:
         return EmitterSet.cat(ems) if ems else EmitterSet.empty(px_size=self.param.Camera.px_size)
 
 
+def add_model_arguments(parser, frames_help: Optional[str]) -> None:
+    """The arguments decode-var-eval and decode-var-fit share: param, model, frames, device, trust."""
+    parser.add_argument("-p", "--param_file", required=True, help="the experiment's param_run.yaml")
+    parser.add_argument("--model", required=True, help="model.pt (or the experiment folder)")
+    parser.add_argument("--frames", required=frames_help is None, default=None,
+                        help=frames_help or "TIFF stack (frames in ADU when Camera.convert2photons)")
+    parser.add_argument("-i", "--device", default="cpu", help="cpu, cuda, cuda:0, ...")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling of --model")
+
+
 def resolve_model_path(path) -> Path:
     p = Path(path)
     return p / "model.pt" if p.is_dir() else p
