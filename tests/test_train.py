@@ -204,3 +204,44 @@ def test_resume_rewrites_log_files_left_behind_by_a_kill(tmp_path):
           overrides={"InOut": {"checkpoint_init": str(exp / "ckpt.pt")}})
     assert json.loads((exp / "history.json").read_text()) == full
     assert (exp / "training_curves.png").is_file()
+
+
+@pytest.mark.decode
+def test_sigmamunet_step_matches_decode_training_loop():
+    """One step of SigmaMUNet + GaussianMMLoss with HyperParameter.grad_mod through decode-var's engine gives
+    the weights of DECODE's own train_val_impl.train on the same batch (same loss, clipping, optimiser)."""
+    import copy
+    from types import SimpleNamespace
+
+    from decode.neuralfitter import train_val_impl
+
+    from decode_var.engine import Trainer
+    from decode_var.param import param_from_dict
+
+    data = json.loads(json.dumps(TINY))
+    data.pop("TestSet_")
+    data["HyperParameter"] = {"architecture": "SigmaMUNet", "loss_impl": "GaussianMMLoss", "channels_out": 10,
+                              "epochs": 1, "pseudo_ds_size": 8, "batch_size": 8, "grad_mod": True,
+                              "max_number_targets": 16, "optimizer": "AdamW",
+                              "opt_param": {"lr": 2e-4, "weight_decay": 0.1},
+                              "learning_rate_scheduler": "StepLR",
+                              "learning_rate_scheduler_param": {"step_size": 100, "gamma": 1.0},
+                              "arch_param": {"depth_shared": 1, "depth_union": 1, "initial_features": 8,
+                                             "inter_features": 8, "activation": "ELU", "init_custom": True,
+                                             "pool_mode": "StrideConv", "upsample_mode": "nearest",
+                                             **dict.fromkeys(("norm", "norm_groups", "norm_head", "norm_head_groups",
+                                                              "skip_gn_level", "use_last_nl"))}}
+    data["VAR"] = {"backend": "decode", "scales": [1.0], "train": {"plot": False, "warmup_epochs": 0}}
+    tr = Trainer(param_from_dict(data), None, log=False, progress=False)
+    ref_model, init = copy.deepcopy(tr.model), copy.deepcopy(tr.model.state_dict())
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=2e-4, weight_decay=0.1)
+    _, frames, tgt = tr._batch(8, tr._data_seed(0))  # the batch the engine's step 0 draws
+
+    tr.train_epoch()
+    logger = SimpleNamespace(add_scalar=lambda *a, **k: None)
+    train_val_impl.train(ref_model, ref_opt, tr.loss, [(frames, list(tgt), None)], grad_rescale=False,
+                         grad_mod=True, epoch=0, device="cpu", logger=logger)
+    after, ref = tr.model.state_dict(), ref_model.state_dict()
+    assert any(not torch.equal(after[k], init[k]) for k in init)  # the step did move the weights
+    for name in after:
+        assert torch.equal(after[name], ref[name]), name
