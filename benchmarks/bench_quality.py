@@ -13,6 +13,14 @@ Models: VARMultiScale + AdaptivePPXYZB as shipped; DECODE's SigmaMUNet + Gaussia
 DECODE is installed); ablations of ours: single scale, independent multi-scale heads (no
 conditioning), no progressive schedule, static channel weights, teacher forcing off.
 ``--density`` repeats the table at about 2 and about 15 emitters per frame.
+
+SigmaMUNet uses ``param/sigmamunet_decode.yaml``: DECODE's architecture and optimiser settings
+(AdamW, lr 2e-4, weight decay 0.1, ``grad_mod``), on the same simulation and batch size.
+
+A second table compares the lateral RMSE of every model with the first one of its density on the
+ground-truth emitters that both found: a model that reports only the easiest emitters has a low
+RMSE of its own, and the paired figure compares like with like. Results (``quality.json`` with
+rows, curves and pairs; ``quality_curves.png``) are written to ``--out`` after every model.
 """
 from __future__ import annotations
 
