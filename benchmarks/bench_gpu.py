@@ -38,22 +38,18 @@ QUICKSTART = HERE.parent / "decode_var" / "param" / "var_quickstart.yaml"
 
 def agreement(param) -> dict:
     """Same weights, same batch, CPU vs CUDA in float32, then CUDA under bf16 autocast."""
-    from decode_var.engine import Trainer
+    from decode_var.engine import Trainer, _slice, _to_device
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     cpu = Trainer(param, None, device="cpu", log=False, progress=False)
     gpu = Trainer(param, None, device="cuda", log=False, progress=False)
     gpu.model.load_state_dict(cpu.model.state_dict())
-    from decode_var.engine import _slice
-
     _, frames, tgt = cpu.test_set()
     frames, tgt = frames[:16], _slice(tgt, slice(0, 16))
     n_active = getattr(cpu.loss, "active_scales", None)
 
-    def run(tr, dev, autocast=False):
-        from decode_var.engine import _to_device
-
+    def run(tr, autocast=False):
         tr.model.train()
         tr.model.teacher_forcing = 0.5
         if tr.model.tf_generator is not None:
@@ -69,9 +65,9 @@ def agreement(param) -> dict:
         outs = out if isinstance(out, (list, tuple)) else [out]
         return float(loss.detach()), float(gnorm), [o.detach().float().cpu() for o in outs]
 
-    l_c, g_c, o_c = run(cpu, "cpu")
-    l_g, g_g, o_g = run(gpu, "cuda")
-    l_b, g_b, _ = run(gpu, "cuda", autocast=True)
+    l_c, g_c, o_c = run(cpu)
+    l_g, g_g, o_g = run(gpu)
+    l_b, g_b, _ = run(gpu, autocast=True)
     return {
         "out_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(o_c, o_g)),
         "loss_cpu": l_c, "loss_cuda": l_g, "loss_rel_diff": abs(l_c - l_g) / abs(l_c),
@@ -92,7 +88,8 @@ def speed(param, device: str, epochs: int) -> dict:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    n = epochs * param.HyperParameter.pseudo_ds_size
+    hp = param.HyperParameter
+    n = epochs * max(hp.pseudo_ds_size // hp.batch_size, 1) * hp.batch_size  # the samples train_epoch draws
     return {"device": device, "samples_per_s": n / dt}
 
 

@@ -134,13 +134,18 @@ def paired(rows: list[dict], errors: list[dict]) -> list[dict]:
         ref = idx[0]
         for i in idx[1:]:
             common = errors[ref].keys() & errors[i].keys()
-            rmse = lambda e: math.sqrt(sum(e[k] ** 2 for k in common) / len(common)) if common else math.nan  # noqa: E731
             out.append({"density": density, "model": rows[i]["model"], "reference": rows[ref]["model"],
-                        "n_common": len(common), "rmse_lat": rmse(errors[i]), "rmse_lat_reference": rmse(errors[ref])})
+                        "n_common": len(common), "rmse_lat": _rmse(errors[i], common),
+                        "rmse_lat_reference": _rmse(errors[ref], common)})
     return out
 
 
-def run(minutes: float = 10.0, densities=(6.0,), models=None, evals: int = 5, out: Path | None = None) -> list[dict]:
+def _rmse(err: dict, keys) -> float:
+    return math.sqrt(sum(err[k] ** 2 for k in keys) / len(keys)) if keys else math.nan
+
+
+def run(minutes: float = 10.0, densities=(6.0,), models=None, evals: int = 5, out: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """(one row per model and density, the paired RMSE rows)."""
     torch.set_num_threads(2)
     rows, errors = [], []
     names = [m for m in (models or MODELS) if MODELS[m] != "sigmamunet" or decode_available()]

@@ -11,9 +11,9 @@ all); the README's figures come from the default settings unless the table's com
 from __future__ import annotations
 
 import argparse
-import shlex
 import datetime
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path

@@ -50,12 +50,11 @@ class Param:
 
     def _fill(self, entries: dict) -> None:
         _path = self._path
+        where = f"section '{_path}'" if _path else "the top level"
         for key, value in entries.items():
             if not isinstance(key, str):
-                where = f"section '{_path}'" if _path else "the top level"
                 raise ParamError(f"Param key {key!r} at {where} is not text. Write it as a name (a YAML string key).")
             if key.startswith("_") or key in _RESERVED:
-                where = f"section '{_path}'" if _path else "the top level"
                 raise ParamError(f"Param key '{key}' at {where} is not allowed: keys starting with '_' and the names "
                                  f"{', '.join(sorted(_RESERVED))} are reserved. Rename or remove it.")
             object.__setattr__(self, key, self._wrap(value, f"{_path}.{key}" if _path else key))
