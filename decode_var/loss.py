@@ -109,7 +109,7 @@ class PPXYZBLoss:
     Args:
         pos_weight: weight of the positive class in the detection BCE (DECODE's ``p_fg_weight``).
         xyz_loss: ``'mse'`` or ``'smooth_l1'`` for the x, y, z channels.
-        smooth_l1_beta: transition point of smooth-L1 in normalised units (x, y in px); 0 gives L1.
+        smooth_l1_beta: transition point of smooth-L1 in network units (x, y in cells of each scale); 0 gives L1.
         channel_weights: preset name (:data:`~decode_var.channel_weights.PRESETS`) or 6 numbers.
         n_scales: number of output scales K (``len(VAR.scales)``).
         scale_schedule: ``'var'``, ``'warmup'`` or ``'none'`` (see :mod:`decode_var.progressive`).

@@ -19,9 +19,12 @@ token inputs), or, with teacher forcing, the coarser ground-truth target. With a
 batch teacher-forced, the token scales run in one pass under the block mask (VAR's training
 mode); otherwise scale by scale with a key/value cache (VAR's inference mode). Both are exact.
 
-Units (decode-var's normalised target convention): p logit (train) or probability (eval);
-phot / Scaling.phot_max; x, y offsets from the cell centre in input px; z / Scaling.z_max;
-bg / Scaling.bg_max. Every channel but p is a linear output, so targets outside [-1, 1]
+Units (network units, :class:`~decode_var.targets.TargetRescale`), the same for outputs, targets
+and conditioning maps of every scale: p logit (train) or probability (eval); phot /
+Scaling.phot_max; x, y offsets from the cell centre in **cells of that scale** (input px / cell
+size); z / Scaling.z_max; bg / Scaling.bg_max. A map handed from scale k-1 to scale k is converted
+to scale k's cells by :func:`~decode_var.model_blocks.recentre_upsample`, nowhere else.
+Every channel but p is a linear output, so targets outside [-1, 1]
 stay reachable; the heads start small, which keeps the start stable.
 """
 from __future__ import annotations
@@ -231,6 +234,8 @@ class VARMultiScale(nn.Module):
         if p_init is None:
             sim = getattr(param, "Simulation", None)
             emitter_av = _get(sim, "emitter_av")
+            if isinstance(emitter_av, (list, tuple)):  # a range [low, high] drawn per sample: its mean
+                emitter_av = sum(emitter_av) / len(emitter_av)
             cells = schedule.finest.img_shape[0] * schedule.finest.img_shape[1]
             # Poisson: the share of finest cells that hold at least one emitter
             p_init = -math.expm1(-float(emitter_av) / cells) if emitter_av else 0.01
@@ -381,8 +386,8 @@ class VARMultiScale(nn.Module):
         return t + self.token_pos[k](t)
 
     def _condition(self, k: int, grids, gt, force, outs) -> torch.Tensor:
-        """The map scale ``k`` is conditioned on: scale k-1 (prediction or ground truth), on grid k."""
-        f_prev, f_k = self.schedule[k - 1].factor, self.schedule[k].factor
+        """The map scale ``k`` is conditioned on: scale k-1 (prediction or ground truth) on grid k, in
+        scale k's network units (x, y offsets in cells of scale k from each cell's centre)."""
         if force is not None and bool(force.all()):
             src = gt[k - 1]
         else:
@@ -392,7 +397,8 @@ class VARMultiScale(nn.Module):
                 src = src.detach()
             if force is not None:
                 src = torch.where(force[:, None, None, None], gt[k - 1], src)
-        return recentre_upsample(src, grids[k], 1.0 / f_prev, 1.0 / f_k)
+        # offsets: cells of scale k-1 in, cells of scale k out (the units of scale k's own target)
+        return recentre_upsample(src, grids[k], self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
 
     def _padded_targets(self, targets, n_needed, N, shape, grids) -> list[torch.Tensor]:
         if len(targets) < n_needed:

@@ -11,7 +11,8 @@
 - :class:`RefineStage`: convolutions on one finer (or super-resolved) grid, fed by encoder
   features, the upsampled hidden state of the next-coarser scale and its 6-channel map.
 - :func:`recentre_upsample`: a coarse 6-channel map on a finer grid, with the x, y offsets
-  re-expressed relative to the fine cells.
+  converted from coarse cells (from the coarse cell centre) to fine cells (from the fine cell
+  centre): the one place where a map changes grid inside the model.
 
 Tensors are indexed ``[..., x, y]`` like DECODE. Sizes are in cells of the grid at hand.
 """
@@ -47,34 +48,50 @@ def _containing_cell(n_coarse: int, n_fine: int, device) -> torch.Tensor:
 
 
 def recentre_upsample(map_N6hw: torch.Tensor, size: Sequence[int],
-                      cell_coarse_px: float, cell_fine_px: float) -> torch.Tensor:
-    """Put a coarse 6-channel map ``[p, phot, x, y, z, bg]`` on a finer grid.
+                      cell_coarse_px: Sequence[float], cell_fine_px: Sequence[float]) -> torch.Tensor:
+    """Put a coarse 6-channel map ``[p, phot, x, y, z, bg]`` on a finer grid, in the fine grid's units.
 
-    Every fine cell takes the values of the coarse cell its centre lies in; its x, y offsets (input
-    px, relative to the coarse cell centre) are shifted to be relative to the fine cell centre, so
-    that each fine cell sees where the coarse-scale emitter lies *relative to itself*.
+    Every fine cell takes the values of the coarse cell its centre lies in. The x, y offsets are the
+    one place where the units of the two grids differ: on the coarse grid they are in coarse cells
+    from the coarse cell centre, on the fine grid they must be in fine cells from the fine cell
+    centre (the network units of :class:`~decode_var.targets.TargetRescale` on each scale). So for
+    each axis::
+
+        offset_fine = (offset_coarse * cell_coarse_px + centre_coarse_px - centre_fine_px) / cell_fine_px
+
+    and the position a fine cell points at (its centre + its offset) is the one its coarse cell
+    pointed at: upsampling never moves an emitter. p (per coarse cell), phot / phot_max,
+    z / z_max and bg / bg_max are the same units on every grid and are copied.
 
     Args:
-        map_N6hw: (N, 6, h, w) coarse map, offsets in input px.
-        size: fine grid ``(H, W)`` in cells.
-        cell_coarse_px, cell_fine_px: cell widths in input px (``1 / factor``).
+        map_N6hw: (N, 6, h, w) coarse map, x, y offsets in cells of the coarse grid.
+        size: fine grid ``(H, W)`` in cells; both grids start at the same edge.
+        cell_coarse_px, cell_fine_px: cell size ``(along x, along y)`` in input px
+            (:attr:`decode_var.scales.Scale.cell_size`, ``1 / factor`` on the default extent);
+            a single number means the same along both axes.
 
     Returns:
-        (N, 6, H, W) map on the fine grid, same units.
+        (N, 6, H, W) map on the fine grid, x, y offsets in cells of the fine grid.
     """
     h, w = map_N6hw.shape[-2:]
     H, W = int(size[0]), int(size[1])
+    cc_x, cc_y = _pair(cell_coarse_px)
+    cf_x, cf_y = _pair(cell_fine_px)
     ix = _containing_cell(h, H, map_N6hw.device)
     iy = _containing_cell(w, W, map_N6hw.device)
-    up = map_N6hw.index_select(-2, ix).index_select(-1, iy)
-    shift_x = ((ix.double() + 0.5) * cell_coarse_px
-               - (torch.arange(H, device=ix.device, dtype=torch.float64) + 0.5) * cell_fine_px)
-    shift_y = ((iy.double() + 0.5) * cell_coarse_px
-               - (torch.arange(W, device=iy.device, dtype=torch.float64) + 0.5) * cell_fine_px)
-    up = up.clone()
-    up[:, 2] += shift_x.to(up.dtype)[:, None]
-    up[:, 3] += shift_y.to(up.dtype)[None, :]
+    up = map_N6hw.index_select(-2, ix).index_select(-1, iy).clone()
+    # centre of the coarse cell minus centre of the fine cell, in input px (float64: exact for dyadic grids)
+    shift_x = (ix.double() + 0.5) * cc_x - (torch.arange(H, device=ix.device, dtype=torch.float64) + 0.5) * cf_x
+    shift_y = (iy.double() + 0.5) * cc_y - (torch.arange(W, device=iy.device, dtype=torch.float64) + 0.5) * cf_y
+    up[:, 2] = up[:, 2] * (cc_x / cf_x) + (shift_x / cf_x).to(up.dtype)[:, None]
+    up[:, 3] = up[:, 3] * (cc_y / cf_y) + (shift_y / cf_y).to(up.dtype)[None, :]
     return up
+
+
+def _pair(v) -> tuple[float, float]:
+    if isinstance(v, (int, float)):
+        return float(v), float(v)
+    return float(v[0]), float(v[1])
 
 
 # --------------------------------------------------------------------------------- encoder

@@ -11,9 +11,12 @@ Conventions (DECODE 0.10):
 - Coordinates are in *input* px. The field of view is ``xextent`` x ``yextent`` (DECODE's
   ``Simulation.psf_extent``, by default ``(-0.5, W - 0.5)``, so input pixel ``i`` is centred on
   ``i``). Every scale covers the same extent, so a cell of scale ``k`` is ``1 / factor_k`` input px.
-- On every scale, the x and y target channels are offsets from the centre of the cell the emitter
-  falls into, **in input px** (not in cells of that scale). They lie in ``[-0.5/f, 0.5/f)`` for the
-  central pixel of a scale of factor ``f``.
+- Physical units (the backend's target generators, post-processing): on every scale, the x and y
+  target channels are offsets from the centre of the cell the emitter falls into, **in input px**.
+  They lie in ``[-0.5/f, 0.5/f)`` for the central cell of a scale of factor ``f``.
+- Network units (:class:`~decode_var.targets.TargetRescale`, model outputs, the maps finer scales
+  are conditioned on): the same offsets divided by :attr:`Scale.cell_size`, i.e. **in cells of that
+  scale**, in ``[-0.5, 0.5)`` for the central cell on every scale.
 - z is in nm and photons are in photons on every scale. The background channel is in photons per
   **input** pixel on every scale, i.e. the background is resampled, not re-integrated: a coarse
   cell holds the mean, a fine cell the (nearest) value of the input pixel it lies in.

@@ -384,7 +384,8 @@ def test_parse_rejects_invalid_values_naming_the_key(key, value):
 @settings(max_examples=40, deadline=None)
 @given(hc=st.integers(1, 6), ratio=st.sampled_from([1.0, 1.5, 2.0, 3.0, 4.0]), seed=st.integers(0, 10_000))
 def test_recentred_offsets_point_to_the_same_position(hc, ratio, seed):
-    """Upsampling must not move an emitter: cell centre + offset is the same on both grids."""
+    """Upsampling must not move an emitter: centre + offset x cell size (input px) is the same on
+    both grids, with offsets in cells of each grid."""
     hf = int(round(hc * ratio))
     if hf != hc * ratio:
         return
@@ -395,11 +396,64 @@ def test_recentred_offsets_point_to_the_same_position(hc, ratio, seed):
     centre_c = (torch.arange(hc) + 0.5) / f_c
     centre_f = (torch.arange(hf) + 0.5) / f_f
     ix = ((torch.arange(hf) + 0.5) * hc / hf).floor().long()  # coarse cell holding each fine centre
-    x_abs_coarse = centre_c[ix][:, None] + coarse[0, 2][ix][:, ix]
-    y_abs_coarse = centre_c[ix][None, :] + coarse[0, 3][ix][:, ix]
-    torch.testing.assert_close(centre_f[:, None] + fine[0, 2], x_abs_coarse, atol=1e-5, rtol=0)
-    torch.testing.assert_close(centre_f[None, :] + fine[0, 3], y_abs_coarse, atol=1e-5, rtol=0)
+    x_abs_coarse = centre_c[ix][:, None] + coarse[0, 2][ix][:, ix] / f_c
+    y_abs_coarse = centre_c[ix][None, :] + coarse[0, 3][ix][:, ix] / f_c
+    torch.testing.assert_close(centre_f[:, None] + fine[0, 2] / f_f, x_abs_coarse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(centre_f[None, :] + fine[0, 3] / f_f, y_abs_coarse, atol=1e-5, rtol=0)
     assert fine[:, [0, 1, 4, 5]].equal(coarse[:, [0, 1, 4, 5]][:, :, ix][:, :, :, ix])
+
+
+def _isolated_emitters(shape, n, seed):
+    """Emitters (px) in one frame, and which are isolated: no other emitter within 3 coarsest cells
+    (0.25 grid: 12 px) along both axes, so no ROI of any scale overwrites their central cell."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor(shape, dtype=torch.float64) - 0.5
+    xy = xy.float()
+    d = (xy[:, None] - xy[None]).abs()
+    near = ((d[..., 0] < 12) & (d[..., 1] < 12)).sum(1) > 1
+    return xy, ~near
+
+
+@settings(max_examples=12, deadline=None)
+@given(shape=st.sampled_from([(24, 40), (40, 24), (32, 32), (16, 48)]), n=st.integers(1, 8),
+       seed=st.integers(0, 10_000))
+def test_teacher_forced_condition_equals_the_finer_target(shape, n, seed):
+    """Ground-truth targets of scale k-1 (network units: cells of scale k-1) through the model's own
+    conditioning path become, on every fine cell holding an isolated emitter, scale k's own target
+    offset (cells of scale k). Grids 0.25, 0.5, 1, 2; non-square frames."""
+    from decode_var.backend import get_backend
+    from decode_var.emitters import EmitterSet
+    from decode_var.targets import MultiScaleTargets, TargetRescale
+
+    sched = ScaleSchedule(shape, FACTORS)
+    xy, isolated = _isolated_emitters(shape, n, seed)
+    em = EmitterSet(xyz=torch.cat([xy, torch.zeros(n, 1)], 1), phot=torch.full((n,), 5000.0),
+                    frame_ix=torch.zeros(n, dtype=torch.long), xy_unit="px")
+    tg = MultiScaleTargets(sched, get_backend("builtin"), roi_size=3,
+                           rescale=TargetRescale(phot_max=10_000.0, z_max=750.0, bg_max=100.0))
+    targets, _ = tg(em, torch.full((1, *shape), 50.0), 1)
+    torch.manual_seed(0)
+    model = VARMultiScale(3, sched, **TINY).train()
+    model.teacher_forcing = 1.0
+    seen = {}  # the map each scale k >= 1 is conditioned on, as its layers receive it
+    for k, conv in enumerate(model.token_cond, start=1):
+        conv.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0]))
+    for j, stage in enumerate(model.refine):
+        k = model.n_token_scales + j
+        stage.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[2]))
+    model(torch.zeros(1, 3, *shape), targets=targets)
+    assert sorted(seen) == [1, 2, 3]
+    for k in range(1, len(sched)):
+        scale = sched[k]
+        cond = seen[k][..., :scale.img_shape[0], :scale.img_shape[1]]
+        cell = torch.tensor(scale.cell_size)
+        ij = ((xy + 0.5) / cell).floor().long()[isolated]
+        got = cond[0, 2:4][:, ij[:, 0], ij[:, 1]]
+        want = targets[k][0, 2:4][:, ij[:, 0], ij[:, 1]]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        # and, back in px, the fine cell points at the emitter
+        centre = (ij.float() + 0.5) * cell - 0.5
+        torch.testing.assert_close(centre + got.t() * cell, xy[isolated], atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- with DECODE
