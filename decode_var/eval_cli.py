@@ -36,13 +36,20 @@ def parse_args(argv=None):
 
 def crlb_of(param, gt_matched) -> Optional[torch.Tensor]:
     """(E, 5) CRLB variances (x, y in nm^2, z nm^2, phot, bg) of matched ground truth, or None."""
-    if param.VAR.psf != "gaussian" or len(gt_matched) == 0 or gt_matched.bg is None:
+    if len(gt_matched) == 0 or gt_matched.bg is None:
         return None
-    from .crlb import gaussian_crlb
+    if param.VAR.psf == "spline":  # autograd Fisher information of the calibration's ROI
+        from .spline_psf import SplinePSF
 
-    g = param.VAR.gaussian_psf
-    var = gaussian_crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg, sigma_0=g.sigma_0, foc_shift=g.foc_shift,
-                        rl_range=g.rl_range, em_gain=param.Camera.em_gain is not None, mode_3d=g.mode_3d)
+        var = SplinePSF.parse(param).crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg,
+                                          em_gain=param.Camera.em_gain is not None)
+    else:
+        from .crlb import gaussian_crlb
+
+        g = param.VAR.gaussian_psf
+        var = gaussian_crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg, sigma_0=g.sigma_0,
+                            foc_shift=g.foc_shift, rl_range=g.rl_range, em_gain=param.Camera.em_gain is not None,
+                            mode_3d=g.mode_3d)
     px = torch.tensor(param.Camera.px_size, dtype=var.dtype)
     var = var.clone()
     var[:, 0] *= px[0] ** 2

@@ -158,10 +158,11 @@ class Simulator:
     @classmethod
     def parse(cls, param, psf=None):
         sim = param.Simulation
+        if psf is None and param.VAR.psf == "spline":
+            from .spline_psf import SplinePSF  # built-in cubic spline: no DECODE needed
+
+            psf = SplinePSF.parse(param)
         if psf is None:
-            if param.VAR.psf != "gaussian":
-                raise ParamError("VAR.psf: spline needs DECODE's compiled spline module (the decode backend). "
-                                 "Install DECODE, or use VAR.psf: gaussian.")
             psf = GaussianPSF.parse(param)
         if sim.density is not None:
             raise ParamError("Simulation.density is not supported by decode-var's simulator; "
