@@ -26,6 +26,9 @@ from .errors import ParamError
 #: Sections in which unknown keys are errors (the plugin owns them).
 STRICT_SECTIONS = ("VAR",)
 
+#: Number keys that also take a list: a range [low, high] drawn per sample, or one value per Perlin scale.
+NUMBER_OR_LIST = ("Simulation.emitter_av", "Simulation.bg_perlin_scale")
+
 
 class ParamKeyError(ParamError, AttributeError):
     """A key that is read does not exist (an AttributeError too, so ``getattr(p, k, default)`` works)."""
@@ -124,6 +127,8 @@ def _check_type(path: str, value, ref) -> None:
         return
     if isinstance(ref, bool):
         ok, kind = isinstance(value, bool), "true or false"
+    elif _is_number(ref) and path in NUMBER_OR_LIST:
+        ok, kind = _is_number(value) or isinstance(value, (list, tuple)), "a number or a list of numbers"
     elif _is_number(ref):
         ok, kind = _is_number(value), "a number"
     elif isinstance(ref, str):
@@ -245,9 +250,19 @@ def autoset_scaling(param: Param) -> Param:
         sc.z_max = ext[2][1] * 1.2
     if sc.input_offset is None:
         sc.input_offset = (bg_lo + bg_hi) / 2
-    if sc.bg_max is None:
-        sc.bg_max = bg_hi * 1.2
+    if sc.bg_max is None:  # DECODE: 1.2 * upper bg; a smooth field adds its peak (and the drift's)
+        sc.bg_max = (bg_hi + _perlin_peak(param)) * 1.2
     return param
+
+
+def _perlin_peak(param: Param) -> float:
+    """Highest photons / px the Perlin field can add (0 when off or malformed; validate() reports that)."""
+    amp = param.Simulation.get("bg_perlin_amplitude")
+    amps = amp if isinstance(amp, (list, tuple)) else [amp]
+    drift = param.VAR.get("bg_drift") if "VAR" in param else None
+    drift = drift if _is_finite(drift) and drift > 0 else 0.0
+    half = (param.HyperParameter.channels_in - 1) // 2 if _is_number(param.HyperParameter.channels_in) else 0
+    return sum(a for a in amps if _is_finite(a) and a > 0) * (1 + drift * half)
 
 
 def _pair(value, key) -> tuple:
@@ -299,6 +314,22 @@ def _extent(value, key, n_axes=2) -> None:
         _require(hi > lo, f"{key} ({name}) must have upper > lower, got {axis!r}.")
 
 
+def _check_perlin(sim: Param) -> None:
+    """``Simulation.bg_perlin_*`` (DECODE 0.9's keys): amplitudes >= 0 photons / px, one integer scale each."""
+    amp, scale = sim.bg_perlin_amplitude, sim.bg_perlin_scale
+    if amp is None:
+        return
+    amps = amp if isinstance(amp, (list, tuple)) else [amp]
+    _require(len(amps) > 0 and all(_is_finite(a) and a >= 0 for a in amps),
+             f"Simulation.bg_perlin_amplitude must be >= 0 photons / px (one value, or one per scale), got {amp!r}.")
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(amps)
+    _require(len(scales) == len(amps) and all(_is_finite(v) and int(v) == v and v >= 1 for v in scales),
+             f"Simulation.bg_perlin_scale must be an integer >= 1 (lattice cells across the frame), one per "
+             f"bg_perlin_amplitude, got {scale!r} for amplitudes {amp!r}.")
+    _require(isinstance(sim.bg_perlin_draw_amps, bool), f"Simulation.bg_perlin_draw_amps must be true or false, "
+             f"got {sim.bg_perlin_draw_amps!r}.")
+
+
 def validate(param: Param) -> None:
     """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix.
 
@@ -320,7 +351,15 @@ def validate(param: Param) -> None:
     bg = sim.bg_uniform if isinstance(sim.bg_uniform, (list, tuple)) else [sim.bg_uniform, sim.bg_uniform]
     _require(all(_is_finite(b) and b >= 0 for b in bg) and bg[1] >= bg[0],
              f"Simulation.bg_uniform must be >= 0 photons / px with low <= high, got {sim.bg_uniform!r}.")
-    _check_num("Simulation.emitter_av", sim.emitter_av, 0, what=" (emitters per frame)")
+    av = sim.emitter_av
+    if isinstance(av, (list, tuple)):
+        lo, hi = _pair(av, "Simulation.emitter_av")
+        _require(math.isfinite(hi) and 0 <= lo <= hi, f"Simulation.emitter_av as a range must be [low, high] "
+                 f"emitters per frame with 0 <= low <= high, got {av!r}.")
+    else:
+        _check_num("Simulation.emitter_av", av, 0, what=" (emitters per frame, or a range [low, high])")
+    _check_perlin(sim)
+    _check_num("VAR.bg_drift", var.bg_drift, 0, 1, what=" (relative change of the smooth background per frame)")
     _check_num("Simulation.lifetime_avg", sim.lifetime_avg, 0, lo_open=True, what=" (frames)")
     _require(sim.intensity_th is None or _is_finite(sim.intensity_th),
              f"Simulation.intensity_th must be a number (photons) or empty, got {sim.intensity_th!r}.")
