@@ -1,0 +1,96 @@
+"""``decode-var-render``: a super-resolution image of an emitter file; ``decode-var-convert``: exports.
+
+    decode-var-render emitters.h5 [--out render.png] [--px-size 10] [--mode gaussian|hist] [--sigma NM]
+                      [-p param_run.yaml] [--camera-px NM NM] [--frame-size SX SY] [--no-z-color]
+    decode-var-convert emitters.h5 --format picasso|thunderstorm|decode --out PATH [-p param_run.yaml]
+                      [--camera-px NM NM] [--frame-size SX SY] [--frames N]
+
+Emitter files are DECODE's formats (.h5, .csv, .pt). The render writes a PNG and a float32 TIFF (same name,
+.tif); see :mod:`decode_var.render`. The conversion writes Picasso's ``*_locs.hdf5`` + ``.yaml`` or
+ThunderSTORM's CSV, converting axes and pixel origin (see :mod:`decode_var.export`). ``-p`` (the run's
+param) gives the camera pixel size and the PSF model (widths of the exported PSF); ``--frame-size`` is the
+camera frame in px (rows, columns); without it the field of view is taken from the localizations.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _common(p):
+    p.add_argument("emitters", help="emitter file (.h5, .csv, .pt; DECODE's formats)")
+    p.add_argument("-p", "--param-file", default=None, help="the run's param (pixel size, PSF model)")
+    p.add_argument("--camera-px", type=float, nargs=2, default=None, metavar=("X", "Y"),
+                   help="camera pixel size, nm (default: the file's, else the param's Camera.px_size)")
+    p.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("SX", "SY"),
+                   help="camera frame size in px, rows and columns (default: the localizations' extent)")
+
+
+def _load(args):
+    from .emitter_io import load_emitters
+    from .param import load_param
+
+    param = load_param(args.param_file) if args.param_file else None
+    px = args.camera_px or (param.Camera.px_size if param is not None else None)
+    em = load_emitters(args.emitters, px_size=px)
+    if args.camera_px:
+        import torch
+
+        em.px_size = torch.tensor(args.camera_px, dtype=torch.float32)
+    return em, param
+
+
+def render_main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import DecodeVarError
+    from .render import render, save_render
+
+    p = argparse.ArgumentParser(prog="decode-var-render", description="Render an emitter file (PNG + float TIFF).")
+    _common(p)
+    p.add_argument("--out", default=None, help="PNG to write (default: <emitters>_render.png); the TIFF gets .tif")
+    p.add_argument("--px-size", type=float, default=10.0, help="render pixel, nm (default 10)")
+    p.add_argument("--mode", choices=("gaussian", "hist"), default="gaussian")
+    p.add_argument("--sigma", type=float, default=None, help="Gaussian blur, nm (default: median precision, or 2 px)")
+    p.add_argument("--no-z-color", action="store_true", help="grey-scale density even for 3D data")
+    p.add_argument("--z-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="z colour scale, nm")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.emitters).with_name(Path(args.emitters).stem + "_render.png")
+    try:
+        em, _ = _load(args)
+        r = render(em, args.frame_size, None, args.px_size, args.mode, args.sigma,
+                   False if args.no_z_color else None, args.z_range)
+        paths = save_render(r, out, title=f"{Path(args.emitters).name}: {len(em)} localizations, {args.mode}, "
+                                          f"{args.px_size:g} nm px")
+    except DecodeVarError as err:
+        print(f"decode-var-render: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(str(x) for x in paths)} ({r.density_HW.shape[0]} x {r.density_HW.shape[1]} px)")
+    return 0
+
+
+def convert_main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import DecodeVarError
+    from .export import FORMATS, export
+
+    p = argparse.ArgumentParser(prog="decode-var-convert",
+                                description="Convert an emitter file for Picasso, ThunderSTORM or DECODE.")
+    _common(p)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output file (picasso: *_locs.hdf5, thunderstorm: .csv, decode: "
+                                                ".h5/.csv/.pt)")
+    p.add_argument("--frames", type=int, default=None, help="frames of the movie (Picasso's yaml; default: last + 1)")
+    args = p.parse_args(argv)
+    try:
+        em, param = _load(args)
+        path = export(em, args.out, args.format, args.frame_size, args.frames, None, param)
+    except DecodeVarError as err:
+        print(f"decode-var-convert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(em)} localizations to {path}" + (f" and {Path(path).with_suffix('.yaml')}"
+                                                         if args.format == "picasso" else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(render_main())
