@@ -153,8 +153,9 @@ def picasso_table(em: EmitterSet, px_size_nm, width_px: Optional[np.ndarray] = N
     width = np.ones((n, 2)) if width_px is None else np.broadcast_to(np.asarray(width_px, np.float64), (n, 2))
     prec = _precision_px(em, size, width)
     three_d = _is_3d(em) if three_d is None else three_d
+    with_lpz = three_d and bool(np.isfinite(prec[:, 2]).all())  # optional in Picasso: left out when unknown
     fields = [("frame", "u4"), ("x", "f4"), ("y", "f4"), ("photons", "f4"), ("sx", "f4"), ("sy", "f4"), ("bg", "f4"),
-              ("lpx", "f4"), ("lpy", "f4")] + ([("z", "f4"), ("lpz", "f4")] if three_d else [])
+              ("lpx", "f4"), ("lpy", "f4")] + ([("z", "f4")] if three_d else []) + ([("lpz", "f4")] if with_lpz else [])
     table = np.zeros(n, dtype=fields)
     if n and int(em.frame_ix.min()) < 0:
         raise InputDataError("Emitters with a negative frame index cannot be exported (Picasso counts frames from 0).")
@@ -166,6 +167,7 @@ def picasso_table(em: EmitterSet, px_size_nm, width_px: Optional[np.ndarray] = N
     table["lpx"], table["lpy"] = prec[:, 1], prec[:, 0]
     if three_d:
         table["z"] = xyz[:, 2]
+    if with_lpz:
         table["lpz"] = prec[:, 2]
     return table[np.argsort(table["frame"], kind="stable")]
 
@@ -244,10 +246,14 @@ def save_thunderstorm(path: Union[str, pathlib.Path], em: EmitterSet, px_size_nm
     fmt = ["%d" if c in ("id", "frame") else "%.6f" for c in names]
 
     def write(tmp):
+        import io
+
         with open(tmp, "w", newline="") as f:
             f.write(",".join(f'"{c}"' for c in names) + "\n")
-            if len(values):
-                np.savetxt(f, values, fmt=fmt, delimiter=",")
+            for s in range(0, len(values), 100_000):
+                block = io.StringIO()
+                np.savetxt(block, values[s:s + 100_000], fmt=fmt, delimiter=",")
+                f.write(block.getvalue().replace("nan", "NaN"))  # Java's Double.parseDouble reads only "NaN"
 
     return atomic_write(path, write)
 

@@ -140,3 +140,13 @@ def test_picasso_reads_our_file(located, tmp_path):
     locs, info = pio.load_locs(str(path))
     assert abs(float(np.asarray(locs["x"])[0]) - y) < 1e-4 and abs(float(np.asarray(locs["y"])[0]) - x) < 1e-4
     assert int(np.asarray(locs["frame"])[0]) == FRAME and info[0]["Width"] == COLS
+
+
+def test_unknown_values_are_written_as_the_readers_expect(tmp_path):
+    """ThunderSTORM (Java) parses "NaN", not numpy's "nan"; Picasso's optional lpz is left out when unknown."""
+    em = EmitterSet(torch.tensor([[5.0, 6.0, 80.0]]), torch.tensor([900.0]), torch.tensor([0]), px_size=(100.0, 100.0))
+    text = save_thunderstorm(tmp_path / "n.csv", em).read_text()
+    assert "NaN" in text and "nan" not in text
+    with h5py.File(save_picasso(tmp_path / "n_locs.hdf5", em, (10, 10))) as f:
+        names = f["locs"].dtype.names
+    assert "z" in names and "lpz" not in names
