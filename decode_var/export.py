@@ -42,7 +42,7 @@ from .emitters import EmitterSet
 from .errors import InputDataError
 
 __all__ = ["FORMATS", "export", "save_picasso", "save_thunderstorm", "decode_to_picasso_px",
-           "decode_to_thunderstorm_nm", "psf_width_px", "export_paths"]
+           "decode_to_thunderstorm_nm", "psf_width_px", "export_paths", "write_fit_outputs"]
 
 FORMATS = ("decode", "picasso", "thunderstorm")
 TS_COLUMNS_2D = ("id", "frame", "x [nm]", "y [nm]", "sigma [nm]", "intensity [photon]", "offset [photon]",
@@ -293,3 +293,40 @@ def export(em: EmitterSet, path: Union[str, pathlib.Path], fmt: str, frame_shape
         xyz = _xyz_px(em, _px_size(em, px_size_nm)) if len(em) else np.zeros((0, 3))
         frame_shape = tuple(int(math.ceil(v + 0.5)) for v in (xyz[:, :2].max(0) if len(em) else (0.5, 0.5)))
     return save_picasso(path, em, frame_shape, n_frames, px_size_nm, width)
+
+
+def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence[str] = ("decode",),
+                      render: bool = True) -> list[pathlib.Path]:
+    """What ``decode-var-fit`` writes after its DECODE emitter file ``out``: the ``--format`` exports and the render.
+
+    The camera frame size comes from the TIFF ``frames``; pixel size and PSF from the param. A render that
+    cannot be made (e.g. a field of view too large for 10 nm pixels) is reported on stderr and skipped: the
+    emitters are saved already.
+
+    Returns the paths written.
+    """
+    import sys
+
+    from .param import load_param
+    from .tiff import TiffStack
+
+    param = load_param(param_file)
+    stack = TiffStack(frames)
+    frame_shape, n_frames = tuple(int(v) for v in stack.shape[1:]), len(stack)
+    if em.px_size is None:
+        em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
+    written = []
+    for fmt in dict.fromkeys(formats):  # once each, in the order given
+        if fmt != "decode":  # --out itself is DECODE's format
+            written.append(export(em, export_paths(out, fmt), fmt, frame_shape, n_frames, None, param))
+    if render:
+        from .render import render as render_image, save_render
+
+        png = pathlib.Path(out).with_name(pathlib.Path(out).stem + "_render.png")
+        try:
+            image = render_image(em, frame_shape)
+            written += save_render(image, png, title=f"{pathlib.Path(out).name}: {len(em)} localizations, "
+                                                     f"{n_frames} frames, Gaussian {image.px_nm:g} nm px")
+        except InputDataError as err:
+            print(f"[decode-var] rendering skipped: {err}", file=sys.stderr)
+    return written

@@ -150,3 +150,21 @@ def test_unknown_values_are_written_as_the_readers_expect(tmp_path):
     with h5py.File(save_picasso(tmp_path / "n_locs.hdf5", em, (10, 10))) as f:
         names = f["locs"].dtype.names
     assert "z" in names and "lpz" not in names
+
+
+def test_fit_outputs_next_to_the_emitter_file(located, tmp_path):
+    from decode_var.export import write_fit_outputs
+    from decode_var.param import param_from_dict, save_param
+
+    em, x, y = located
+    param_file = tmp_path / "param_run.yaml"
+    save_param(param_file, param_from_dict({}))
+    tif = tmp_path / "movie.tif"
+    tifffile.imwrite(tif, np.zeros((3, ROWS, COLS), np.uint16), photometric="minisblack")
+    written = write_fit_outputs(param_file, em, tmp_path / "fit.h5", tif, ["decode", "picasso", "thunderstorm"])
+    names = sorted(p.name for p in written)
+    assert names == ["fit_locs.hdf5", "fit_render.png", "fit_render.tif", "fit_thunderstorm.csv"]
+    info = yaml.safe_load((tmp_path / "fit_locs.yaml").read_text())
+    assert (info["Width"], info["Height"], info["Frames"]) == (COLS, ROWS, 3)  # from the TIFF, not the param
+    assert tifffile.imread(tmp_path / "fit_render.tif").shape == (ROWS * 10, COLS * 10)
+    assert write_fit_outputs(param_file, em, tmp_path / "b.h5", tif, ["decode"], render=False) == []
