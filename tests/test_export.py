@@ -7,6 +7,7 @@ import pytest
 import tifffile
 import torch
 import yaml
+from hypothesis import given, settings, strategies as st
 
 from decode_var.emitter_io import load_emitters
 from decode_var.emitters import EmitterSet
@@ -168,3 +169,23 @@ def test_fit_outputs_next_to_the_emitter_file(located, tmp_path):
     assert (info["Width"], info["Height"], info["Frames"]) == (COLS, ROWS, 3)  # from the TIFF, not the param
     assert tifffile.imread(tmp_path / "fit_render.tif").shape == (ROWS * 10, COLS * 10)
     assert write_fit_outputs(param_file, em, tmp_path / "b.h5", tif, ["decode"], render=False) == []
+
+
+@settings(max_examples=25)
+@given(xy=st.lists(st.tuples(st.floats(-0.49, 29.49), st.floats(-0.49, 43.49)), min_size=1, max_size=6),
+       px=st.sampled_from([(100.0, 100.0), (65.0, 65.0), (107.0, 93.0)]), frame=st.integers(0, 10 ** 6))
+def test_exports_invert_to_decode_coordinates(xy, px, frame):
+    """Picasso (x = column, same centres) and ThunderSTORM (nm, x = column, + 0.5 px) map back to DECODE's x, y."""
+    from decode_var.export import picasso_table, thunderstorm_table
+
+    xyz = torch.tensor([[a, b, 0.0] for a, b in xy])
+    em = EmitterSet(xyz, torch.full((len(xy),), 1000.0), torch.full((len(xy),), frame), px_size=px)
+    _, ts = thunderstorm_table(em)
+    assert np.allclose(ts[:, 3] / px[0] - 0.5, xyz[:, 0].numpy(), atol=1e-4)  # y [nm] -> DECODE x (row)
+    assert np.allclose(ts[:, 2] / px[1] - 0.5, xyz[:, 1].numpy(), atol=1e-4)  # x [nm] -> DECODE y (column)
+    assert (ts[:, 1] == frame + 1).all()
+    if px[0] == px[1]:
+        locs = picasso_table(em, None)
+        assert np.allclose(locs["y"], xyz[:, 0].numpy(), atol=1e-4) and np.allclose(locs["x"], xyz[:, 1].numpy(),
+                                                                                     atol=1e-4)
+        assert (locs["frame"] == frame).all()
