@@ -20,6 +20,11 @@ The machine is shared, so every timing is repeated ``--repeats`` times with the 
 interleaved round by round, and the best round is reported (the median is in the returned rows).
 Two CPU threads (``torch.set_num_threads(2)``); everything is seeded.
 
+``--full-step [PARAM]`` measures instead the whole training step of a param file (default the
+quickstart: simulation, targets of every scale, forward, loss, backward, optimiser step) against
+its single-scale ablation in one process, as a ratio, in wall-clock and in CPU time
+(``--threads``, default 1).
+
 Run: ``python benchmarks/bench_model.py [--sizes 40 128] [--batch 16] [--repeats 5]``; with
 DECODE: ``PYTHONPATH=. /path/to/decode-env/python benchmarks/bench_model.py``.
 ``run(...)`` returns the rows for ``benchmarks/run_all.py``.
@@ -206,6 +211,91 @@ def run(sizes=(40, 128), batch: int = 16, repeats: int = 5, factors=(0.25, 0.5, 
     return rows
 
 
+# --------------------------------------------------------------- the real training step
+def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher_forcing: float = 0.5) -> dict:
+    """Samples/s of the whole training step of a param file (simulation, targets of every scale,
+    forward, loss, backward, clipping, optimiser step: what ``Trainer.train_epoch`` runs) against its
+    single-scale ablation (``VAR.model.conditioning: single``), interleaved in one process.
+
+    The loss schedule is set to the middle of training (every scale active) and teacher forcing to
+    ``teacher_forcing``. Reported per variant: the best step over ``repeats`` in wall-clock and in
+    process CPU time (robust to other processes on a shared machine), and the mean phase times.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from decode_var.engine import Trainer
+    from decode_var.param import load_param
+
+    torch.set_num_threads(threads)
+    variants = {"default": {}, "single-scale ablation": {"VAR": {"model": {"conditioning": "single"}}}}
+    trainers, tmp = {}, tempfile.TemporaryDirectory()
+    for name, over in variants.items():
+        param = load_param(param_path, overrides=_merge({"VAR": {"train": {"plot": False}}}, over))
+        tr = Trainer(param, Path(tmp.name) / name.split()[0], progress=False, log=False)
+        tr.epoch = max(int(param.HyperParameter.epochs) // 2, 1)
+        tr._set_epoch_state()
+        if hasattr(tr.model, "teacher_forcing"):
+            tr.model.teacher_forcing = teacher_forcing
+        trainers[name] = tr
+    phases = ("data", "forward", "backward", "step")
+    times = {n: {"wall": [], "cpu": [], **{p: [] for p in phases}} for n in trainers}
+    for r in range(repeats + 1):  # round 0 warms up
+        for name, tr in trainers.items():
+            hp = tr.param.HyperParameter
+            n_active = getattr(tr.loss, "active_scales", None)
+            tr.model.train()
+            w0, c0 = time.perf_counter(), time.process_time()
+            _, frames, tgt = tr._batch(hp.batch_size, 10_000 + r)
+            w1 = time.perf_counter()
+            tr.optimizer.zero_grad(set_to_none=True)
+            loss_val, _ = tr._train_forward(frames, tgt, n_active)
+            loss = loss_val.mean()
+            w2 = time.perf_counter()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr._grad_clip)
+            w3 = time.perf_counter()
+            tr.optimizer.step()
+            w4, c4 = time.perf_counter(), time.process_time()
+            if r == 0:
+                continue
+            t = times[name]
+            t["wall"].append(w4 - w0)
+            t["cpu"].append(c4 - c0)
+            for p, (a, b) in zip(phases, ((w0, w1), (w1, w2), (w2, w3), (w3, w4))):
+                t[p].append(b - a)
+    tmp.cleanup()
+    out = {"param": param_path, "threads": threads, "repeats": repeats, "teacher_forcing": teacher_forcing}
+    for name, tr in trainers.items():
+        t, b = times[name], tr.param.HyperParameter.batch_size
+        out[name] = {"factors": list(getattr(tr.model, "schedule").factors),
+                     "samples_s_wall": b / min(t["wall"]), "samples_s_cpu": b / (min(t["cpu"]) / threads),
+                     **{f"{p}_ms": 1000 * statistics.mean(t[p]) for p in phases}}
+    d, s = out["default"], out["single-scale ablation"]
+    out["ratio_wall"] = d["samples_s_wall"] / s["samples_s_wall"]
+    out["ratio_cpu"] = d["samples_s_cpu"] / s["samples_s_cpu"]
+    return out
+
+
+def markdown_full_step(res: dict) -> str:
+    lines = ["| variant | grids | train samples/s (wall, best) | (CPU time, best) | data ms | forward ms | "
+             "backward ms | optimiser ms |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("default", "single-scale ablation"):
+        r = res[name]
+        lines.append(f"| {name} | {r['factors']} | {r['samples_s_wall']:.1f} | {r['samples_s_cpu']:.1f} | "
+                     f"{r['data_ms']:.0f} | {r['forward_ms']:.0f} | {r['backward_ms']:.0f} | {r['step_ms']:.0f} |")
+    lines.append(f"\nratio default / single-scale ablation: {res['ratio_wall']:.2f} (wall), "
+                 f"{res['ratio_cpu']:.2f} (CPU time); target >= 0.8")
+    return "\n".join(lines)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
@@ -235,10 +325,23 @@ def main(argv=None):
     ap.add_argument("--factors", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model memory subprocesses")
+    ap.add_argument("--full-step", metavar="PARAM", nargs="?", const="decode_var/param/var_quickstart.yaml",
+                    help="only the whole training step of PARAM (default: the quickstart) against its "
+                         "single-scale ablation, as a ratio")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for --full-step")
+    ap.add_argument("--json", type=str, default=None, help="write --full-step's result here")
     ap.add_argument("--_memory", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory:
         print(json.dumps(_memory_worker(args._memory, args.sizes[0], args.batch, args.factors, args.seed)))
+        return
+    if args.full_step:
+        print("python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
+        res = full_step_ratio(args.full_step, args.repeats, args.threads)
+        print(markdown_full_step(res))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=1)
         return
     rows = run(args.sizes, args.batch, args.repeats, args.factors, args.seed, memory=not args.no_memory)
     print(f"torch {torch.__version__}, {THREADS} threads, batch {args.batch}, {CHANNELS_IN}-frame input, "

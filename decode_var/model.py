@@ -23,7 +23,7 @@ Units (network units, :class:`~decode_var.targets.TargetRescale`), the same for 
 and conditioning maps of every scale: p logit (train) or probability (eval); phot /
 Scaling.phot_max; x, y offsets from the cell centre in **cells of that scale** (input px / cell
 size); z / Scaling.z_max; bg / Scaling.bg_max. A map handed from scale k-1 to scale k is converted
-to scale k's cells by :func:`~decode_var.model_blocks.recentre_upsample`, nowhere else.
+to scale k's cells by :func:`~decode_var.model_blocks.recentre`, nowhere else.
 Every channel but p is a linear output, so targets outside [-1, 1]
 stay reachable; the heads start small, which keeps the start stable.
 """
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, ParamError, ShapeError
 from .model_blocks import (FrameEncoder, RefineStage, ScaleTransformer, WindowLayout,
-                           recentre_upsample, resample)
+                           recentre, recentre_upsample, resample)
 from .scales import ScaleSchedule
 
 CONDITIONING = ("next_scale", "independent", "single")
@@ -93,7 +93,7 @@ class VARMultiScale(nn.Module):
     """
 
     def __init__(self, channels_in: int, schedule: ScaleSchedule, *, features: int = 48, token_dim: int = 96,
-                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, token_max_factor: float = 0.5,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, token_max_factor: float = 0.25,
                  window: int = 8, conditioning: str = "next_scale", teacher_forcing: float = 1.0,
                  teacher_forcing_end: float = 0.0, teacher_forcing_epochs: float = 20, p_init: float = 0.01,
                  detach_condition: bool = True, activation: Union[str, type] = "ELU",
@@ -156,7 +156,11 @@ class VARMultiScale(nn.Module):
         self.refine = nn.ModuleList()
         prev_width = token_dim if n_tok else None
         for k in range(n_tok, len(factors)):
-            width = features if factors[k] <= 1 else max(8, features // 2)
+            # full width on the finest grid up to 1x; half width on super-resolved grids and on the
+            # intermediate grids, whose maps only condition the next scale (profiled: the
+            # intermediate 1x stage at full width cost as much as the whole finest stage)
+            final = k == len(factors) - 1
+            width = features if (final and factors[k] <= 1) else max(8, features // 2)
             self.refine.append(RefineStage(widths[self._level[k]], prev_width, width, self.conditioned, act))
             prev_width = width
 
@@ -212,7 +216,7 @@ class VARMultiScale(nn.Module):
                              f"pick e.g. token_dim {heads * max(1, round(token_dim / heads))}.")
         mlp_ratio = _get(vm, "mlp_ratio", 2.0)
         _check_number("VAR.model.mlp_ratio", mlp_ratio, 0.0, open_low=True)
-        token_max_factor = _get(vm, "token_max_factor", 0.5)
+        token_max_factor = _get(vm, "token_max_factor", 0.25)
         _check_number("VAR.model.token_max_factor", token_max_factor, 0.0)
         window = _get(vm, "window", 8)
         _check_int("VAR.model.window", window, 1)
@@ -365,11 +369,13 @@ class VARMultiScale(nn.Module):
 
         for k in range(n_tok, n):
             stage = self.refine[k - self.n_token_scales]
-            feat = resample(feats[self._level[k]], grids[k])
+            feat = feats[self._level[k]]
             if stage.conditioned:
-                hidden = stage(feat, hidden, self._condition(k, grids, gt, force, outs))
+                coarse, shift = recentre(self._condition_source(k, gt, force, outs), grids[k],
+                                         self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
+                hidden = stage(feat, grids[k], hidden, coarse, shift)
             else:
-                hidden = stage(feat)
+                hidden = stage(feat, grids[k])
             outs.append(self.heads[k](hidden).float())
 
         cropped = []
@@ -388,6 +394,13 @@ class VARMultiScale(nn.Module):
     def _condition(self, k: int, grids, gt, force, outs) -> torch.Tensor:
         """The map scale ``k`` is conditioned on: scale k-1 (prediction or ground truth) on grid k, in
         scale k's network units (x, y offsets in cells of scale k from each cell's centre)."""
+        # offsets: cells of scale k-1 in, cells of scale k out (the units of scale k's own target)
+        return recentre_upsample(self._condition_source(k, gt, force, outs), grids[k],
+                                 self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
+
+    def _condition_source(self, k: int, gt, force, outs) -> torch.Tensor:
+        """Scale k-1's map on its own grid (prediction, p through a sigmoid, or ground truth), in
+        its network units."""
         if force is not None and bool(force.all()):
             src = gt[k - 1]
         else:
@@ -397,8 +410,7 @@ class VARMultiScale(nn.Module):
                 src = src.detach()
             if force is not None:
                 src = torch.where(force[:, None, None, None], gt[k - 1], src)
-        # offsets: cells of scale k-1 in, cells of scale k out (the units of scale k's own target)
-        return recentre_upsample(src, grids[k], self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
+        return src
 
     def _padded_targets(self, targets, n_needed, N, shape, grids) -> list[torch.Tensor]:
         if len(targets) < n_needed:

@@ -10,9 +10,9 @@
   the same result.
 - :class:`RefineStage`: convolutions on one finer (or super-resolved) grid, fed by encoder
   features, the upsampled hidden state of the next-coarser scale and its 6-channel map.
-- :func:`recentre_upsample`: a coarse 6-channel map on a finer grid, with the x, y offsets
-  converted from coarse cells (from the coarse cell centre) to fine cells (from the fine cell
-  centre): the one place where a map changes grid inside the model.
+- :func:`recentre` / :func:`recentre_upsample`: a coarse 6-channel map on a finer grid, with the
+  x, y offsets converted from coarse cells (from the coarse cell centre) to fine cells (from the
+  fine cell centre): the one place where a map changes grid inside the model.
 
 Tensors are indexed ``[..., x, y]`` like DECODE. Sizes are in cells of the grid at hand.
 """
@@ -47,21 +47,34 @@ def _containing_cell(n_coarse: int, n_fine: int, device) -> torch.Tensor:
     return centres.floor().long().clamp_(0, n_coarse - 1)
 
 
-def recentre_upsample(map_N6hw: torch.Tensor, size: Sequence[int],
-                      cell_coarse_px: Sequence[float], cell_fine_px: Sequence[float]) -> torch.Tensor:
-    """Put a coarse 6-channel map ``[p, phot, x, y, z, bg]`` on a finer grid, in the fine grid's units.
+def upsample_cells(map_NChw: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-cell upsampling: every fine cell of ``size`` takes the coarse cell its centre lies in."""
+    h, w = map_NChw.shape[-2:]
+    if int(size[0]) % h == 0 and int(size[1]) % w == 0:  # whole ratios: the same cells, a faster kernel
+        return F.interpolate(map_NChw, size=(int(size[0]), int(size[1])), mode="nearest")
+    ix = _containing_cell(h, int(size[0]), map_NChw.device)
+    iy = _containing_cell(w, int(size[1]), map_NChw.device)
+    return map_NChw.index_select(-2, ix).index_select(-1, iy)
 
-    Every fine cell takes the values of the coarse cell its centre lies in. The x, y offsets are the
-    one place where the units of the two grids differ: on the coarse grid they are in coarse cells
-    from the coarse cell centre, on the fine grid they must be in fine cells from the fine cell
-    centre (the network units of :class:`~decode_var.targets.TargetRescale` on each scale). So for
-    each axis::
 
-        offset_fine = (offset_coarse * cell_coarse_px + centre_coarse_px - centre_fine_px) / cell_fine_px
+def recentre(map_N6hw: torch.Tensor, size: Sequence[int], cell_coarse_px: Sequence[float],
+             cell_fine_px: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversion of a coarse 6-channel map ``[p, phot, x, y, z, bg]`` to a finer grid's units.
 
-    and the position a fine cell points at (its centre + its offset) is the one its coarse cell
+    On the coarse grid the x, y offsets are in coarse cells from the coarse cell centre; on the fine
+    grid they must be in fine cells from the fine cell centre (the network units of
+    :class:`~decode_var.targets.TargetRescale` on each scale). For each axis::
+
+        offset_fine = offset_coarse * cell_coarse_px / cell_fine_px
+                      + (centre_coarse_px - centre_fine_px) / cell_fine_px
+
+    so that the position a fine cell points at (its centre + its offset) is the one its coarse cell
     pointed at: upsampling never moves an emitter. p (per coarse cell), phot / phot_max,
     z / z_max and bg / bg_max are the same units on every grid and are copied.
+
+    The result comes as two terms, ``upsample_cells(coarse_N6hw, size) + shift_16HW``
+    (:func:`recentre_upsample`): the first term still lives on the coarse grid, so a 1x1
+    projection of it can run there (:class:`RefineStage`), and the second depends on the grids only.
 
     Args:
         map_N6hw: (N, 6, h, w) coarse map, x, y offsets in cells of the coarse grid.
@@ -71,21 +84,35 @@ def recentre_upsample(map_N6hw: torch.Tensor, size: Sequence[int],
             a single number means the same along both axes.
 
     Returns:
-        (N, 6, H, W) map on the fine grid, x, y offsets in cells of the fine grid.
+        ``coarse_N6hw``: the map with x, y offsets in fine cells (from the coarse cell centre);
+        ``shift_16HW``: (1, 6, H, W), zero but for x, y: coarse minus fine cell centre in fine cells.
     """
     h, w = map_N6hw.shape[-2:]
     H, W = int(size[0]), int(size[1])
     cc_x, cc_y = _pair(cell_coarse_px)
     cf_x, cf_y = _pair(cell_fine_px)
+    scale_6 = torch.tensor([1.0, 1.0, cc_x / cf_x, cc_y / cf_y, 1.0, 1.0], dtype=map_N6hw.dtype,
+                           device=map_N6hw.device)
+    coarse_N6hw = map_N6hw * scale_6[None, :, None, None]
     ix = _containing_cell(h, H, map_N6hw.device)
     iy = _containing_cell(w, W, map_N6hw.device)
-    up = map_N6hw.index_select(-2, ix).index_select(-1, iy).clone()
     # centre of the coarse cell minus centre of the fine cell, in input px (float64: exact for dyadic grids)
     shift_x = (ix.double() + 0.5) * cc_x - (torch.arange(H, device=ix.device, dtype=torch.float64) + 0.5) * cf_x
     shift_y = (iy.double() + 0.5) * cc_y - (torch.arange(W, device=iy.device, dtype=torch.float64) + 0.5) * cf_y
-    up[:, 2] = up[:, 2] * (cc_x / cf_x) + (shift_x / cf_x).to(up.dtype)[:, None]
-    up[:, 3] = up[:, 3] * (cc_y / cf_y) + (shift_y / cf_y).to(up.dtype)[None, :]
-    return up
+    shift_16HW = torch.zeros(1, 6, H, W, dtype=map_N6hw.dtype, device=map_N6hw.device)
+    shift_16HW[0, 2] = (shift_x / cf_x).to(map_N6hw.dtype)[:, None]
+    shift_16HW[0, 3] = (shift_y / cf_y).to(map_N6hw.dtype)[None, :]
+    return coarse_N6hw, shift_16HW
+
+
+def recentre_upsample(map_N6hw: torch.Tensor, size: Sequence[int],
+                      cell_coarse_px: Sequence[float], cell_fine_px: Sequence[float]) -> torch.Tensor:
+    """A coarse 6-channel map on a finer grid, in the fine grid's units (see :func:`recentre`).
+
+    Args and units as :func:`recentre`. Returns (N, 6, H, W), x, y offsets in cells of the fine grid.
+    """
+    coarse_N6hw, shift_16HW = recentre(map_N6hw, size, cell_coarse_px, cell_fine_px)
+    return upsample_cells(coarse_N6hw, size) + shift_16HW
 
 
 def _pair(v) -> tuple[float, float]:
@@ -299,8 +326,12 @@ class ScaleTransformer(nn.Module):
 class RefineStage(nn.Module):
     """Convolutions on one grid finer than the token scales.
 
-    Input: the encoder features resampled to this grid, plus (``conditioned``) the hidden state
-    of the next-coarser scale and its re-centred 6-channel map, each through a 1x1 projection.
+    Input: the encoder features, plus (``conditioned``) the hidden state of the next-coarser
+    scale and its 6-channel map re-centred on this grid (:func:`recentre`), each through a 1x1
+    projection. A 1x1 projection commutes with nearest upsampling and with area means, so every
+    projection runs on the grid its input lives on and one upsampling follows (the fine grid sees
+    the same sum as projecting the upsampled inputs, at a fraction of the cost):
+    ``from_map(recentre_upsample(m)) = upsample(from_map(coarse_m)) + W_map * shift``.
     """
 
     def __init__(self, c_feat: int, c_prev: Optional[int], width: int, conditioned: bool,
@@ -315,9 +346,19 @@ class RefineStage(nn.Module):
         self.body = nn.Sequential(activation(), conv3x3(width, width), activation(), conv3x3(width, width),
                                   activation())
 
-    def forward(self, feat_NChw, prev_hidden=None, cond_N6hw=None):
-        x = self.from_feat(feat_NChw)
+    def forward(self, feat_NCfg, size: Sequence[int], prev_hidden_NCgh=None, coarse_N6gh=None,
+                shift_16HW=None):
+        """Hidden state (N, width, H, W) on the grid ``size``.
+
+        Args:
+            feat_NCfg: encoder features on their own grid (resampled to ``size`` after the projection).
+            size: this stage's grid ``(H, W)`` in cells.
+            prev_hidden_NCgh: hidden state of scale k-1 on its grid.
+            coarse_N6gh, shift_16HW: scale k-1's map as :func:`recentre` returns it for this grid.
+        """
+        x = resample(self.from_feat(feat_NCfg), size)
         if self.conditioned:
-            # a 1x1 projection commutes with nearest upsampling: project on the coarse grid (cheaper)
-            x = x + resample(self.from_prev(prev_hidden), x.shape[-2:]) + self.from_map(cond_N6hw)
+            coarse = self.from_prev(prev_hidden_NCgh) + self.from_map(coarse_N6gh)
+            shift = F.conv2d(shift_16HW, self.from_map.weight)  # no bias: it is in the coarse term
+            x = x + upsample_cells(coarse, size) + shift
         return self.body(x)

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from decode_var.errors import CheckpointError, ParamError, ShapeError
 from decode_var.model import MODELS, VARMultiScale
-from decode_var.model_blocks import ScaleTransformer, WindowLayout, recentre_upsample
+from decode_var.model_blocks import (RefineStage, ScaleTransformer, WindowLayout, recentre, recentre_upsample,
+                                     resample, upsample_cells)
 from decode_var.scales import ScaleSchedule
 
 FACTORS = [0.25, 0.5, 1.0, 2.0]
@@ -367,7 +368,7 @@ def test_parse_with_the_packaged_reference_defaults():
 
     m = VARMultiScale.parse(param_from_dict({}))
     assert m.conditioning == "next_scale" and m.schedule.factors == (0.25, 0.5, 1.0)
-    assert m.n_token_scales == 2  # 10 x 10 and 20 x 20 token grids; 40 x 40 refined by convolutions
+    assert m.n_token_scales == 1  # a 10 x 10 token grid; 20 x 20 and 40 x 40 refined by convolutions
     assert sum(p.numel() for p in m.parameters()) <= 2.2e6  # the issue's parameter budget
 
 
@@ -438,9 +439,10 @@ def test_teacher_forced_condition_equals_the_finer_target(shape, n, seed):
     seen = {}  # the map each scale k >= 1 is conditioned on, as its layers receive it
     for k, conv in enumerate(model.token_cond, start=1):
         conv.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0]))
-    for j, stage in enumerate(model.refine):
+    for j, stage in enumerate(model.refine):  # a refine stage gets recentre's two terms
         k = model.n_token_scales + j
-        stage.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[2]))
+        stage.register_forward_pre_hook(
+            lambda mod, args, k=k: seen.__setitem__(k, upsample_cells(args[3], args[1]) + args[4]))
     model(torch.zeros(1, 3, *shape), targets=targets)
     assert sorted(seen) == [1, 2, 3]
     for k in range(1, len(sched)):
@@ -454,6 +456,22 @@ def test_teacher_forced_condition_equals_the_finer_target(shape, n, seed):
         # and, back in px, the fine cell points at the emitter
         centre = (ij.float() + 0.5) * cell - 0.5
         torch.testing.assert_close(centre + got.t() * cell, xy[isolated], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("f_c,f_f,shape", [(0.5, 1.0, (8, 12)), (1.0, 2.0, (12, 8)), (0.25, 0.5, (4, 8))])
+def test_refine_stage_projects_on_the_coarse_grid_exactly(f_c, f_f, shape):
+    """RefineStage's coarse-grid projections equal projecting the upsampled, re-centred inputs."""
+    torch.manual_seed(0)
+    stage = RefineStage(5, 7, 6, True, torch.nn.ELU)
+    H, W = int(shape[0] * f_f / f_c), int(shape[1] * f_f / f_c)
+    feat = torch.randn(2, 5, *shape if f_f > 1 else (H, W))
+    prev = torch.randn(2, 7, *shape)
+    map_c = torch.randn(2, 6, *shape)
+    coarse, shift = recentre(map_c, (H, W), 1 / f_c, 1 / f_f)
+    fast = stage(feat, (H, W), prev, coarse, shift)
+    slow_in = (stage.from_feat(resample(feat, (H, W))) + resample(stage.from_prev(prev), (H, W))
+               + stage.from_map(recentre_upsample(map_c, (H, W), 1 / f_c, 1 / f_f)))
+    torch.testing.assert_close(fast, stage.body(slow_in), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- with DECODE
