@@ -116,6 +116,8 @@ class PPXYZBLoss:
         start_scales, stage_epochs, stage_warmup: the ``'var'`` schedule.
         warmup_epochs: the ``'warmup'`` schedule.
         forward_safety: check shapes in every forward (cheap; DECODE's flag of the same name).
+        factors: the scales' factors (``VAR.scales``); the detection BCE of a scale with factor
+            f > 1 uses ``pos_weight * f**2``. None: ``pos_weight`` on every scale.
     """
 
     registry_name = "PPXYZB"
@@ -123,9 +125,15 @@ class PPXYZBLoss:
     def __init__(self, pos_weight: float = 2.0, xyz_loss: str = "mse", smooth_l1_beta: float = 0.1,
                  channel_weights: str | Sequence[float] = "recommended", n_scales: int = 1,
                  scale_schedule: str = "warmup", start_scales: int = 1, stage_epochs: float = 5,
-                 stage_warmup: float = 2, warmup_epochs: float = 20, forward_safety: bool = True):
+                 stage_warmup: float = 2, warmup_epochs: float = 20, forward_safety: bool = True,
+                 factors: Sequence[float] | None = None):
         # 1. terms
         self.pos_weight = _positive("pos_weight", pos_weight)
+        # a super-resolved grid has factor**2 cells per input px and as many fewer emitter cells per
+        # cell: its positive class gets that factor, so p sees the same positive mass per input px
+        # as on the 1x grid (the 1x grid and coarser ones keep DECODE's pos_weight)
+        self.factors = None if factors is None else [float(f) for f in factors]
+        self._pos_weights = [self.pos_weight * max(1.0, f * f) for f in (self.factors or [1.0] * n_scales)]
         if xyz_loss not in _XYZ_LOSSES:
             raise ParamError(f"VAR.loss.xyz_loss = {xyz_loss!r} is unknown; choose one of {list(_XYZ_LOSSES)}.")
         self.xyz_loss = xyz_loss
@@ -154,6 +162,8 @@ class PPXYZBLoss:
         section = _get(var, "loss", None)
         scales = _get(var, "scales", None)
         kwargs = {"n_scales": len(scales) if scales else 1}
+        if scales:
+            kwargs["factors"] = list(scales)
         for key in ("pos_weight", "xyz_loss", "smooth_l1_beta", "scale_schedule", "start_scales", "stage_epochs",
                     "stage_warmup", "warmup_epochs"):
             value = _get(section, key, None)
@@ -217,13 +227,14 @@ class PPXYZBLoss:
         return self.forward(output, target, weight)
 
     def elementwise(self, output_N6HW: torch.Tensor, target_N6HW: torch.Tensor,
-                    weight_N6HW: torch.Tensor) -> torch.Tensor:
-        """Channel-weighted per-element loss of one scale, ``(N, 6, H, W)``, computed in float32 or float64."""
+                    weight_N6HW: torch.Tensor, k: int = 0) -> torch.Tensor:
+        """Channel-weighted per-element loss of scale ``k``, ``(N, 6, H, W)``, computed in float32 or float64."""
         out, tar, wgt = (_to_compute_dtype(t) for t in (output_N6HW, target_N6HW, weight_N6HW))
         dtype = torch.promote_types(torch.promote_types(out.dtype, tar.dtype), wgt.dtype)
         out, tar, wgt = out.to(dtype), tar.to(dtype), wgt.to(dtype)
         with _no_autocast(out.device):
-            pos_weight = torch.tensor(self.pos_weight, device=out.device, dtype=dtype)
+            pos_weight = torch.tensor(self._pos_weights[k] if k < len(self._pos_weights) else self.pos_weight,
+                                      device=out.device, dtype=dtype)
             p_loss = F.binary_cross_entropy_with_logits(out[:, :1], tar[:, :1], reduction="none",
                                                         pos_weight=pos_weight)
             if self.xyz_loss == "mse":
@@ -266,7 +277,7 @@ class PPXYZBLoss:
         layout, pieces, start = [], [], 0
         for k in computed:
             w_k = self._scale_weights[k]
-            loss = self.elementwise(outs[k], tars[k], wgts[k]).flatten(2)
+            loss = self.elementwise(outs[k], tars[k], wgts[k], k).flatten(2)
             pieces.append(loss * (w_k * total / lengths[k]))
             layout.append(ScaleSlice(k, _scale_name(k, outs[k]), start, lengths[k], w_k))
             start += lengths[k]
@@ -341,7 +352,7 @@ class PPXYZBLoss:
             w = wgts[k] if k < len(wgts) else None
             tensors = [("output", o), ("target", t), ("weight", w)]
             if self._scale_weights[k] > 0 and t is not None and w is not None and o.shape == t.shape == w.shape:
-                tensors.append(("loss", self.elementwise(o, t, w)))
+                tensors.append(("loss", self.elementwise(o, t, w, k)))
             for what, x in tensors:
                 if x is None or x.dim() < 2 or not x.is_floating_point():
                     continue

@@ -198,6 +198,11 @@ class SpatialIntegration(LookUpPostProcessing):
 
     The aggregated value is what is thresholded with ``raw_th`` and returned as ``prob``.
     Other arguments as :class:`LookUpPostProcessing`. Unlike DECODE, the input tensor is not modified.
+
+    On a super-resolved grid (cells smaller than an input px along both axes) an emitter's p mass
+    spreads over up to 2 x 2 cells, none of which need pass ``raw_th``: there every local maximum of
+    p (3 x 3) is a candidate and steps 2-3 sum the whole 3 x 3 box (diagonals included). On 1 px
+    cells and coarser the steps are DECODE's, bit for bit.
     """
 
     split_th = 0.6
@@ -224,15 +229,23 @@ class SpatialIntegration(LookUpPostProcessing):
         return table[p_aggregation]
 
     def _detection(self, p_NHW: torch.Tensor) -> torch.Tensor:
-        return self.integrate(p_NHW, self.raw_th, self.split_th, self.p_aggregation)
+        ext = (self.xextent, self.yextent)
+        sub_pixel = None not in ext and all((e[1] - e[0]) / n < 1 - 1e-9 for e, n in zip(ext, p_NHW.shape[-2:]))
+        return self.integrate(p_NHW, self.raw_th, self.split_th, self.p_aggregation, sub_pixel)
 
     @staticmethod
-    def integrate(p_NHW: torch.Tensor, raw_th: float, split_th: float, aggregation: Callable) -> torch.Tensor:
+    def integrate(p_NHW: torch.Tensor, raw_th: float, split_th: float, aggregation: Callable,
+                  sub_pixel: bool = False) -> torch.Tensor:
         """Aggregated detection map (N, H, W); see the class docstring for the steps."""
         p_N1HW = p_NHW.unsqueeze(1)
-        candidates = torch.where(p_N1HW > raw_th, p_N1HW, torch.zeros_like(p_N1HW))
-        is_max = (p_N1HW == torch.nn.functional.max_pool2d(candidates, 3, stride=1, padding=1)).to(p_NHW.dtype)
-        cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=p_NHW.dtype,
+        if sub_pixel:
+            is_max = ((p_N1HW == torch.nn.functional.max_pool2d(p_N1HW, 3, stride=1, padding=1))
+                      & (p_N1HW > 0)).to(p_NHW.dtype)
+        else:
+            candidates = torch.where(p_N1HW > raw_th, p_N1HW, torch.zeros_like(p_N1HW))
+            is_max = (p_N1HW == torch.nn.functional.max_pool2d(candidates, 3, stride=1, padding=1)).to(p_NHW.dtype)
+        cross = torch.tensor([[1.0 * sub_pixel, 1.0, 1.0 * sub_pixel], [1.0, 1.0, 1.0],
+                              [1.0 * sub_pixel, 1.0, 1.0 * sub_pixel]], dtype=p_NHW.dtype,
                              device=p_NHW.device).view(1, 1, 3, 3)
         local_sum = torch.nn.functional.conv2d(p_N1HW, cross, padding=1)
         # Comparing p (not the clipped map) with the pool is DECODE's choice; it matters only for cells at 0.

@@ -489,3 +489,17 @@ def test_runs_inside_decode_train_and_test_loops(multiscale):
         assert torch.isfinite(test_loss) and out.loss.shape == (16, 6, 8, 8)
         total, comp = crit.log(out.loss)
         assert total == pytest.approx(test_loss.item(), rel=1e-6)
+
+
+def test_super_resolved_scales_weight_positives_by_cells_per_px():
+    """pos_weight x factor**2 on grids finer than 1x; DECODE's pos_weight on 1x and coarser."""
+    loss = PPXYZBLoss(pos_weight=2.0, n_scales=4, factors=[0.25, 0.5, 1.0, 2.0], scale_schedule="none")
+    out = [torch.zeros(1, 6, s, s) for s in (2, 4, 8, 16)]
+    tar = [torch.zeros(1, 6, s, s) for s in (2, 4, 8, 16)]
+    for t in tar:
+        t[0, 0, 0, 0] = 1.0
+    wgt = [torch.ones(1, 6, s, s) for s in (2, 4, 8, 16)]
+    for k, pw in enumerate([2.0, 2.0, 2.0, 8.0]):
+        got = loss.elementwise(out[k], tar[k], wgt[k], k)[0, 0]
+        assert got[0, 0] == pytest.approx(pw * math.log(2.0) * loss.channel_weights[0].item(), rel=1e-6)
+        assert got[0, 1] == pytest.approx(math.log(2.0) * loss.channel_weights[0].item(), rel=1e-6)

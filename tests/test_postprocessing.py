@@ -206,3 +206,18 @@ def test_same_as_decode(cls_name, seed, size):
     assert torch.equal(ours.xyz, theirs.xyz)
     for k in ("phot", "bg", "prob", "frame_ix"):
         assert torch.equal(getattr(ours, k), getattr(theirs, k)), k
+
+
+@given(fx=st.floats(0.0, 1.0), fy=st.floats(0.0, 1.0))
+@settings(max_examples=30, deadline=None)
+def test_super_resolved_grid_detects_p_spread_over_four_cells_once(fx, fy):
+    """On a 2x grid (0.5 px cells) an emitter's p spread bilinearly over 2 x 2 cells, none above
+    raw_th, is one detection; on the 1x grid the same maps keep DECODE's rule."""
+    out = _maps(1, (32, 32))
+    w = torch.tensor([[(1 - fx) * (1 - fy), (1 - fx) * fy], [fx * (1 - fy), fx * fy]]) * 0.9
+    out[0, 0, 10:12, 20:22] = w
+    pp = SpatialIntegration(raw_th=0.5, xextent=EXT, yextent=EXT, img_shape=(32, 32))
+    em = pp.forward(out)
+    assert len(em) == 1 and abs(float(em.prob[0]) - 0.9) < 1e-5
+    one_px = SpatialIntegration(raw_th=0.5, xextent=(-0.5, 31.5), yextent=(-0.5, 31.5), img_shape=(32, 32))
+    assert len(one_px.forward(out)) == (1 if float(w.max()) > 0.5 else 0)
