@@ -99,7 +99,7 @@ def simulated_test_set(param, backend, n: Optional[int] = None):
 
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
-        report=True) -> dict:
+        report=True, batch_size="auto", max_memory=None) -> dict:
     from .atomic import atomic_write_text
     from .emitter_io import save_emitters
     from .inference import Predictor, resolve_model_path
@@ -111,20 +111,17 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     if frames is None:
         frames_NCHW, gt = simulated_test_set(param, pred.backend, n)
         em_out = pred.predict(frames_NCHW)
+        frame_hw = tuple(frames_NCHW.shape[-2:])
     else:
-        from .tiff import TiffStack, window_batches
-
-        stack = TiffStack(frames)
-        ems = []
-        from .fit import check_stack_values
-
-        for centre, frames_NCHW in window_batches(stack, 64, pred.channels_in):
-            frames_NCHW = check_stack_values(frames_NCHW, int(centre[0]), False, adu=bool(param.Camera.convert2photons),
-                                             n_frames=len(stack))  # the same guards as fitting
-            ems.append(pred.predict(pred.adu_to_photons(frames_NCHW), first_frame=int(centre[0])))
         from .emitters import EmitterSet
+        from .fit import check_stack_dtype, localize_stack, resolve_batch_size
+        from .tiff import TiffStack
 
-        em_out = EmitterSet.cat(ems)
+        stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
+        check_stack_dtype(stack.dtype, frames)
+        bs = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+        em_out = EmitterSet.cat(localize_stack(pred, stack, bs))
+        frame_hw = tuple(stack.shape[1:])
         gt = pred.backend.load_emitters(emitters) if emitters is not None else None
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
@@ -135,7 +132,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         if report:
             from .plots import plot_eval_report
 
-            plot_eval_report(out / "report.png", matched, gt, em_out, param)
+            plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw)
     elif frames is not None and emitters is None:
         print("[decode-var] no --emitters given: localizations written, no metrics.", file=sys.stderr)
     save_emitters(out / "emitters.csv", em_out)
@@ -151,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         metrics = run(args.param_file, args.model, args.out, args.frames, args.emitters, args.n, args.device,
-                      args.trust_pickle, not args.no_report)
+                      args.trust_pickle, not args.no_report, args.batch_size, args.max_memory)
     except DecodeVarError as err:
         print(f"decode-var-eval: error: {err}", file=sys.stderr)
         return 2

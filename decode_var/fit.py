@@ -2,8 +2,8 @@
 
     decode-var-fit -p param_run.yaml --model model.pt --frames stack.tif --out emitters.h5|csv|pt
 
-Reads the stack lazily in batches (stacks larger than memory work), pads the frame window at the
-stack ends as DECODE's ``Infer`` does (repeating the first / last frame), converts ADU to photons
+Reads the stack lazily in batches (stacks larger than memory work; the batch size is chosen from a
+memory budget, ``--max-memory``), pads the frame window at the stack ends as DECODE's ``Infer`` does (repeating the first / last frame), converts ADU to photons
 when ``Camera.convert2photons`` is set, and writes DECODE's emitter file formats. The output is
 written under a temporary name and renamed when complete: a failed run leaves no partial file.
 
@@ -14,7 +14,8 @@ Input guards (each a clear error with exit status 2, before the model sees the f
   of the frame's finite pixels;
 - negative pixels while ``Camera.convert2photons`` is true (raw camera counts are never negative):
   refused; set ``convert2photons: false`` for frames already in photons;
-- a frame size the model's ``VAR.scales`` cannot divide: refused;
+- any frame size works (taken from the stack, the param is never edited); a size the finest
+  output grid cannot divide is padded at the high border and emitters outside the frame dropped;
 - constant frames and frames with a negative median: reported at the end; a stack that is constant
   throughout is refused (nothing to fit);
 - non-finite model outputs: refused, naming the frames (``Predictor.output``).
@@ -37,7 +38,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="decode-var-fit", description="Fit emitters in a TIFF stack.")
     add_model_arguments(p, frames_help=None)
     p.add_argument("--out", required=True, help="emitter file: .h5, .csv or .pt (DECODE's formats)")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--mask-nonfinite", action="store_true",
                    help="replace NaN/Inf pixels by the median of the frame's finite pixels instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -65,52 +65,6 @@ def _kind_name(dtype) -> str:
             "M": "date", "m": "time delta"}.get(dtype.kind, dtype.kind)
 
 
-def check_stack_values(frames: torch.Tensor, first: int, mask_nonfinite: bool, adu: bool = False,
-                       n_frames: Optional[int] = None) -> torch.Tensor:
-    """Per batch, before the model: NaN/Inf pixels and negative raw counts.
-
-    Args:
-        frames: (N, C, H, W) windows centred on frames ``first .. first + N - 1`` (as ``window_batches``).
-        mask_nonfinite: replace NaN/Inf pixels by the median of the frame's finite pixels (0 if none)
-            instead of raising.
-        adu: frames are raw camera counts (``Camera.convert2photons``): negative pixels are an error.
-        n_frames: frames in the stack (to name the frames of the padded windows at the end correctly).
-
-    Raises:
-        InputDataError: naming the stack's frames concerned and the fix.
-    """
-    bad = ~torch.isfinite(frames).flatten(2).all(2)  # (N, C)
-    if bad.any():
-        if not mask_nonfinite:
-            raise InputDataError(f"frames {_window_frames(bad, first, n_frames)} of the stack contain NaN or Inf "
-                                 "pixels. Repair them, or pass --mask-nonfinite to replace them by each frame's "
-                                 "median.")
-        frames = frames.clone()
-        for i, c in torch.nonzero(bad).tolist():
-            f = frames[i, c]
-            ok = torch.isfinite(f)
-            f[~ok] = f[ok].median() if ok.any() else 0.0
-    if adu:
-        neg = (frames < 0).flatten(2).any(2)
-        if neg.any():
-            raise InputDataError(
-                f"frames {_window_frames(neg, first, n_frames)} have negative pixels, but Camera.convert2photons is "
-                "true, so the frames should be raw camera counts (ADU, never negative). If the frames are in photons "
-                "or offset-corrected already, set Camera.convert2photons: false in the param file.")
-    return frames
-
-
-def _window_frames(mask_NC: torch.Tensor, first: int, n_frames: Optional[int]) -> list:
-    """Stack indices of the flagged (window, channel) entries; channel c of window b is frame
-    first + b + c - C // 2, clamped to the stack as window_batches does."""
-    b, c = torch.nonzero(mask_NC, as_tuple=True)
-    ix = (b + c - mask_NC.size(1) // 2 + first).clamp(min=0)
-    if n_frames is not None:
-        ix = ix.clamp(max=n_frames - 1)
-    ix = sorted(set(ix.tolist()))
-    return ix[:10] + (["..."] if len(ix) > 10 else [])
-
-
 class _StackReport:
     """Constant frames and frames with a negative median, summarised once at the end (not per batch).
     Keeps counts and the first 10 indices only: stacks can have millions of frames."""
@@ -119,8 +73,9 @@ class _StackReport:
         self.n = self.n_constant = self.n_negative = 0
         self.constant, self.negative = [], []
 
-    def add(self, frames: torch.Tensor, first: int) -> None:
-        centre = frames[:, frames.size(1) // 2].flatten(1)
+    def add(self, frames_THW: torch.Tensor, first: int) -> None:
+        """Frames ``first .. first + T - 1`` of the stack, (T, H, W)."""
+        centre = frames_THW.flatten(1)
         finite = torch.where(torch.isfinite(centre), centre, torch.zeros(()))
         const = torch.nonzero(finite.amax(1) == finite.amin(1)).flatten() + first
         neg = torch.nonzero(finite.median(1).values < 0).flatten() + first
@@ -146,72 +101,153 @@ def _warn(msg: str) -> None:
     print(f"[decode-var] {msg}", file=sys.stderr, flush=True)
 
 
-def fit(param_file, model, frames, out, batch_size=64, device="cpu", mask_nonfinite=False, trusted=False,
-        progress=True):
+def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
+        progress=True, max_memory=None):
     """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them.
 
+    The frame size is taken from the stack (any size, square or not; the param is not edited).
+    ``batch_size='auto'`` picks the windows per batch from the frame size and ``max_memory`` (bytes,
+    or a string such as '2G'; default :func:`decode_var.inference.default_max_memory`).
+
     Input guards (before the model sees a frame): pixel type (integers or floats), NaN / Inf pixels
-    (error, or ``mask_nonfinite``), negative raw counts when ``Camera.convert2photons`` (error), frame size
-    that does not fit ``VAR.scales`` (error); constant frames and negative medians are reported at the end,
-    a stack that is constant throughout is an error. Non-finite model outputs are an error naming the frames.
+    (error, or ``mask_nonfinite``), negative raw counts when ``Camera.convert2photons`` (error);
+    constant frames and negative medians are reported at the end, a stack that is constant
+    throughout is an error. Non-finite model outputs are an error naming the frames.
     """
     from .emitters import EmitterSet
     from .inference import Predictor, resolve_model_path
     from .param import load_param
-    from .tiff import TiffStack, window_batches
+    from .tiff import TiffStack
 
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
         raise InputDataError(f"--out {out} must end in .h5, .csv or .pt (DECODE's emitter formats).")
-    if batch_size < 1:
-        raise InputDataError(f"--batch-size must be >= 1, got {batch_size}.")
     param = load_param(param_file)
     stack = TiffStack(frames)
     if len(stack) == 0:
         raise InputDataError(f"{frames} holds no frames.")
     check_stack_dtype(stack.dtype, frames)
     pred = Predictor(param, resolve_model_path(model), device, trusted)
-    _check_frame_size(pred, stack.shape[1:], frames)
-    n_total = len(stack)
-    adu = bool(param.Camera.convert2photons)
-    report = _StackReport()
-    ems = []
-    it = window_batches(stack, batch_size, pred.channels_in)
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, total=(n_total + batch_size - 1) // batch_size, desc="fitting", unit="batch")
-    for centre, frames_NCHW in it:
-        first = int(centre[0])
-        frames_NCHW = check_stack_values(frames_NCHW, first, mask_nonfinite, adu, n_total)
-        report.add(frames_NCHW, first)
-        ems.append(pred.predict(pred.adu_to_photons(frames_NCHW), first_frame=first, batch_size=batch_size))
-    report.finish(frames)
-    em = EmitterSet.cat(ems)
+    batch_size = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+    em = EmitterSet.cat(localize_stack(pred, stack, batch_size, mask_nonfinite, progress))
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
     pred.backend.save_emitters(out, em)
     return em
 
 
-def _check_frame_size(pred, hw, path) -> None:
-    """The frames must give a whole number of cells on every output scale (e.g. multiples of 4 px for 0.25)."""
-    from .errors import ShapeError
-    from .scales import ScaleSchedule
+def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=None) -> int:
+    """Windows per batch: an int >= 1 as given, or 'auto' from ``max_memory`` (bytes or '2G')."""
+    from .inference import default_max_memory, parse_memory
 
+    if max_memory is None:
+        budget = default_max_memory(pred.device)
+    else:
+        budget = max_memory if isinstance(max_memory, int) else parse_memory(max_memory)
+    if batch_size is None or str(batch_size).lower() == "auto":
+        return pred.auto_batch_size(hw, budget, n_frames)
     try:
-        ScaleSchedule(tuple(int(v) for v in hw), pred.param.VAR.scales)
-    except (ShapeError, ValueError) as err:  # ParamError is a ValueError
-        raise InputDataError(f"Frames of {path} are {hw[0]} x {hw[1]} px, which the model's scales "
-                             f"{pred.param.VAR.scales} cannot divide ({err}). Crop or pad the stack to a size "
-                             "that fits, e.g. a multiple of 4 px for a 0.25 scale.") from None
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise InputDataError(f"--batch-size must be 'auto' or an integer >= 1, got {batch_size!r}.")
+    return n
+
+
+def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, progress: bool = False,
+                   prefetch: bool = True):
+    """Yield one EmitterSet per batch of ``batch_size`` centre frames of ``stack`` (frame_ix in the stack).
+
+    Each frame is read and converted once: a block of frames (the batch plus the window's halo) is read
+    (the next block on a background thread while the model runs), checked, converted to photons and
+    to network units as a (T, H, W) block, and only then expanded into (B, C, H, W) windows. At the
+    stack ends the windows repeat the first / last frame, as DECODE's ``Infer``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .tiff import read_blocks, window_indices
+
+    n_total = len(stack)
+    hw = tuple(stack.shape[1:])
+    adu = bool(pred.param.Camera.convert2photons)
+    report = _StackReport()
+    blocks = read_blocks(stack, batch_size, pred.channels_in)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_total, desc="fitting", unit="frame")
+    pool = ThreadPoolExecutor(1) if prefetch else None
+    try:
+        nxt = pool.submit(next, blocks, None) if pool else None
+        while True:
+            item = nxt.result() if pool else next(blocks, None)
+            if item is None:
+                break
+            if pool:
+                nxt = pool.submit(next, blocks, None)
+            b0, b1, lo, block_THW = item
+            block_THW = check_block_values(block_THW, lo, mask_nonfinite, adu)
+            report.add(block_THW[b0 - lo:b1 - lo], b0)
+            net_THW = pred.to_network(pred.adu_to_photons(block_THW))
+            ix = window_indices(torch.arange(b0, b1), n_total, pred.channels_in) - lo
+            maps = pred.maps(net_THW[ix], first_frame=b0)
+            yield pred.emitters(maps, first_frame=b0, frame_hw=hw)
+            if bar is not None:
+                bar.update(b1 - b0)
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    report.finish(stack.path if hasattr(stack, "path") else "the stack")
+
+
+def check_block_values(frames_THW: torch.Tensor, first: int, mask_nonfinite: bool, adu: bool = False) -> torch.Tensor:
+    """Per block of consecutive frames ``first ..``, before the model: NaN/Inf pixels and negative raw counts.
+
+    Args:
+        frames_THW: (T, H, W) frames of the stack, ``first`` being the index of frame 0.
+        mask_nonfinite: replace NaN/Inf pixels by the median of the frame's finite pixels (0 if none)
+            instead of raising.
+        adu: frames are raw camera counts (``Camera.convert2photons``): negative pixels are an error.
+
+    Raises:
+        InputDataError: naming the stack's frames concerned and the fix.
+    """
+    bad = ~torch.isfinite(frames_THW).flatten(1).all(1)
+    if bad.any():
+        ix = _first_ten(torch.nonzero(bad).flatten() + first)
+        if not mask_nonfinite:
+            raise InputDataError(f"frames {ix} of the stack contain NaN or Inf pixels. Repair them, or pass "
+                                 "--mask-nonfinite to replace them by each frame's median.")
+        frames_THW = frames_THW.clone()
+        for t in torch.nonzero(bad).flatten().tolist():
+            f = frames_THW[t]
+            ok = torch.isfinite(f)
+            f[~ok] = f[ok].median() if ok.any() else 0.0
+    if adu:
+        neg = (frames_THW < 0).flatten(1).any(1)
+        if neg.any():
+            raise InputDataError(
+                f"frames {_first_ten(torch.nonzero(neg).flatten() + first)} have negative pixels, but "
+                "Camera.convert2photons is true, so the frames should be raw camera counts (ADU, never negative). "
+                "If the frames are in photons or offset-corrected already, set Camera.convert2photons: false in "
+                "the param file.")
+    return frames_THW
+
+
+def _first_ten(ix: torch.Tensor) -> list:
+    ix = sorted(set(ix.tolist()))
+    return ix[:10] + (["..."] if len(ix) > 10 else [])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
-                 args.mask_nonfinite, args.trust_pickle, not args.no_progress)
+                 args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory)
     except DecodeVarError as err:
         print(f"decode-var-fit: error: {err}", file=sys.stderr)
         return 2

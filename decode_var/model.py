@@ -138,6 +138,9 @@ class VARMultiScale(nn.Module):
             else:
                 break
         self.n_token_scales = n_tok
+        # attention windows of the training frame, kept on frames of any size (see WindowLayout)
+        self._win0 = WindowLayout.balanced_window(self._out_shape(0, self.padded_shape(schedule.input_shape)),
+                                                  self.window) if n_tok else None
         self._ratios = [int(round(f / factors[0])) for f in factors[:n_tok]]
         widths = self.encoder.widths
         self.token_proj = nn.ModuleList(nn.Conv2d(widths[self._level[k]], token_dim, 1) for k in range(n_tok))
@@ -350,7 +353,7 @@ class VARMultiScale(nn.Module):
         # token scales: one pass when no token input depends on a prediction, else scale by scale
         n_tok = min(self.n_token_scales, n)
         if n_tok:
-            layout = WindowLayout(grids[0], self._ratios[:n_tok], self.window, x.device)
+            layout = WindowLayout(grids[0], self._ratios[:n_tok], self.window, x.device, win0=self._win0)
             parallel = (not self.conditioned) or n_tok == 1 or (force is not None and bool(force.all()))
             if parallel:
                 tokens = [layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])

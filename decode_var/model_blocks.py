@@ -180,11 +180,16 @@ class WindowLayout:
     the frame. Padding cells (at the high-x / high-y border) are masked out as keys.
     """
 
-    def __init__(self, grid0: Sequence[int], ratios: Sequence[int], window: int, device):
+    def __init__(self, grid0: Sequence[int], ratios: Sequence[int], window: int, device,
+                 win0: Optional[Sequence[int]] = None):
         self.grid0 = (int(grid0[0]), int(grid0[1]))
         self.ratios = [int(r) for r in ratios]
-        self.n_w = tuple(max(1, math.ceil(g / window)) for g in self.grid0)
-        self.win0 = tuple(math.ceil(g / n) for g, n in zip(self.grid0, self.n_w))
+        if win0 is None:
+            win0 = self.balanced_window(self.grid0, window)
+        # windows of a fixed size tile any grid from the origin: a frame larger than the training
+        # frame is cut into the same windows as training tiles aligned with them
+        self.win0 = tuple(max(1, min(int(w), g)) for w, g in zip(win0, self.grid0))
+        self.n_w = tuple(math.ceil(g / w) for g, w in zip(self.grid0, self.win0))
         self.n_windows = self.n_w[0] * self.n_w[1]
         self.padded = any(n * w != g for n, w, g in zip(self.n_w, self.win0, self.grid0))
         self._valid = []
@@ -192,6 +197,12 @@ class WindowLayout:
             gx, gy = self.grid0[0] * r, self.grid0[1] * r
             ones = torch.ones(1, 1, gx, gy, device=device)
             self._valid.append(self.partition(ones, r)[..., 0] > 0.5)  # (n_windows, L_k)
+
+    @staticmethod
+    def balanced_window(grid0: Sequence[int], window: int) -> tuple[int, int]:
+        """``win0``: at most ``window`` cells per axis, balanced so that padding is minimal."""
+        n_w = [max(1, math.ceil(int(g) / window)) for g in grid0]
+        return tuple(math.ceil(int(g) / n) for g, n in zip(grid0, n_w))
 
     def window_shape(self, ratio: int) -> tuple[int, int]:
         return self.win0[0] * ratio, self.win0[1] * ratio

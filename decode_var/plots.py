@@ -53,8 +53,11 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4) -> None:
-    """``report.png``: error histograms, predicted vs true positions, Jaccard / RMSE by photon bin."""
+def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, frame_hw=None) -> None:
+    """``report.png``: error histograms, predicted vs true positions, Jaccard / RMSE by photon bin.
+
+    ``frame_hw``: frame size (size_x, size_y) in px of the evaluated frames (default Simulation.img_size).
+    """
     import numpy as np
     import torch
 
@@ -77,8 +80,9 @@ def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4) 
         g, o = gt[gt.frame_ix == f], em_out[em_out.frame_ix == f]
         a.scatter(g.xyz_px[:, 1], g.xyz_px[:, 0], s=40, facecolors="none", edgecolors="k", label="true")
         a.scatter(o.xyz_px[:, 1], o.xyz_px[:, 0], s=12, c="r", label="predicted")
-        a.set_xlim(-0.5, param.Simulation.img_size[1] - 0.5)
-        a.set_ylim(param.Simulation.img_size[0] - 0.5, -0.5)
+        hw = frame_hw or param.Simulation.img_size
+        a.set_xlim(-0.5, hw[1] - 0.5)
+        a.set_ylim(hw[0] - 0.5, -0.5)
         a.set_title(f"frame {f} (y right, x down; px)")
         a.legend(fontsize=7)
     # Jaccard and lateral RMSE by photon bin of the ground truth

@@ -21,7 +21,7 @@ import torch
 
 from .errors import InputDataError
 
-__all__ = ["TiffStack", "window_batches", "window_indices"]
+__all__ = ["TiffStack", "window_batches", "window_indices", "read_blocks"]
 
 
 class _LogCapture(logging.Handler):
@@ -216,9 +216,35 @@ def window_batches(stack, batch_size: int, frame_window: int = 3, start: int = 0
         centre = torch.arange(b0, b1)
         ix = window_indices(centre, n, frame_window)
         lo, hi = max(0, b0 - half), min(n, b1 + half)
-        if isinstance(stack, TiffStack):
-            block = torch.from_numpy(stack.read(lo, hi))
-        else:
-            block = torch.as_tensor(np.asarray(stack[lo:hi]) if not isinstance(stack, torch.Tensor)
-                                    else stack[lo:hi], dtype=torch.float32)
-        yield centre, block[ix - lo].contiguous()
+        yield centre, _read(stack, lo, hi)[ix - lo].contiguous()
+
+
+def read_blocks(stack, batch_size: int, frame_window: int = 3, start: int = 0,
+                stop: Optional[int] = None) -> Iterator[Tuple[int, int, int, torch.Tensor]]:
+    """Blocks of consecutive frames for batches of ``batch_size`` centre frames, each frame read once.
+
+    Yields:
+        (b0, b1, lo, frames_THW): centre frames ``b0 .. b1 - 1``; ``frames_THW`` (float32) holds stack
+        frames ``lo .. lo + T - 1``, the centre frames plus the window's halo (``frame_window // 2``
+        frames on each side, clipped to the stack). Expand into windows with
+        ``frames_THW[window_indices(arange(b0, b1), n, frame_window) - lo]``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if frame_window < 1 or frame_window % 2 != 1:
+        raise ValueError(f"frame_window must be an odd number >= 1, got {frame_window}.")
+    n = len(stack)
+    start, stop, _ = slice(start, stop).indices(n)
+    half = (frame_window - 1) // 2
+    for b0 in range(start, stop, batch_size):
+        b1 = min(b0 + batch_size, stop)
+        lo, hi = max(0, b0 - half), min(n, b1 + half)
+        yield b0, b1, lo, _read(stack, lo, hi)
+
+
+def _read(stack, lo: int, hi: int) -> torch.Tensor:
+    if isinstance(stack, TiffStack):
+        return torch.from_numpy(stack.read(lo, hi))
+    if isinstance(stack, torch.Tensor):
+        return stack[lo:hi].float()
+    return torch.as_tensor(np.asarray(stack[lo:hi]), dtype=torch.float32)

@@ -353,9 +353,13 @@ def test_fit_nan_frames_error_or_masked(model_dir, tmp_path, capsys):
     assert rc == 0 and out.exists()
 
 
-def test_fit_frame_size_the_scales_cannot_divide(model_dir, tmp_path, capsys):
-    rc, err, out = _fit(model_dir, tmp_path, _adu(size=18), capsys)
-    assert rc == 2 and "18 x 18 px" in err and not out.exists()
+def test_fit_frame_too_large_for_the_memory_budget_names_the_setting(model_dir, tmp_path, capsys):
+    rc, err, out = _fit(model_dir, tmp_path, _adu(size=64), capsys, "--max-memory", "100k")
+    assert rc == 2 and "64 x 64 px" in err and "--max-memory" in err and not out.exists()
+    rc, err, out = _fit(model_dir, tmp_path, _adu(size=64), capsys, "--max-memory", "lots")
+    assert rc == 2 and "not a memory size" in err and not out.exists()
+    rc, err, out = _fit(model_dir, tmp_path, _adu(size=64), capsys, "--batch-size", "0")
+    assert rc == 2 and "--batch-size" in err and not out.exists()
 
 
 def test_fit_non_finite_model_output_names_the_frame(model_dir, tmp_path, capsys):
@@ -368,10 +372,12 @@ def test_fit_non_finite_model_output_names_the_frame(model_dir, tmp_path, capsys
     assert "6" in listed.replace("[", "").split(", ") and not out.exists()
 
 
-def test_check_stack_values_names_the_frames_of_padded_windows():
-    from decode_var.fit import check_stack_values
+def test_check_block_values_names_the_stack_frames():
+    from decode_var.fit import check_block_values
 
-    frames = torch.ones(4, 3, 8, 8)
-    frames[3, 2] = float("nan")  # the last window's right neighbour: the last frame repeated (frame 9)
-    with pytest.raises(InputDataError, match=r"frames \[9\]"):
-        check_stack_values(frames, first=6, mask_nonfinite=False, n_frames=10)
+    frames = torch.ones(6, 8, 8)
+    frames[3, 2, 2] = float("nan")  # block frame 3 is stack frame 7 when the block starts at frame 4
+    with pytest.raises(InputDataError, match=r"frames \[7\]"):
+        check_block_values(frames, first=4, mask_nonfinite=False)
+    masked = check_block_values(frames, first=4, mask_nonfinite=True)
+    assert torch.isfinite(masked).all() and float(masked[3, 2, 2]) == 1.0 and torch.isnan(frames[3, 2, 2])

@@ -1,0 +1,245 @@
+"""Fitting speed and peak memory of ``decode-var-fit`` on full-size frames, against the raw model.
+
+For each frame size (``--sizes``, default 64, 256 and 512 px), in one run:
+
+- ``model frames/s``: the network alone (eval-mode forward under ``torch.no_grad`` on windows
+  already in memory, network units, the batch size the fit picks): the ceiling of the fit;
+- ``fit frames/s``: :func:`decode_var.fit.fit` end to end on a TIFF in ADU (reading, guards, ADU to
+  photons, windows, model, post-processing, writing the .h5), timed inside a fresh subprocess
+  from the call to ``fit`` to its return (the model is built and loaded inside that time);
+- ``overhead``: model frames/s / fit frames/s (1 = the fit costs nothing besides the model);
+- ``peak RSS``: the subprocess's peak resident memory (``ru_maxrss``), the whole Python process
+  with torch, the model and everything the fit holds;
+- with ``--baseline-src DIR`` (a checkout of an earlier decode-var, e.g. ``git worktree add
+  /tmp/base <commit>``), the same fit run with that code, its param hand-edited to the frame size
+  (that code cannot fit another size otherwise) and its default batch of 64: ``speedup`` is
+  fit frames/s / baseline frames/s, measured in the same run.
+
+The model is ``--model EXP`` (an experiment folder with ``param_run.yaml`` and ``model.pt``) or,
+by default, an untrained VARMultiScale built from the embedded quickstart param (same speed; an
+untrained model finds fewer emitters, so post-processing is a little cheaper). Stacks are
+simulated with the package's simulator at the quickstart's density (6 emitters per 40 x 40 px),
+seeded. DECODE's ``Infer`` with SigmaMUNet is timed on the same frames when DECODE is importable
+(``n/a`` otherwise).
+
+Run: ``python benchmarks/bench_fit.py [--model out/quickstart/<exp>] [--sizes 64 256 512]
+[--baseline-src /tmp/base] [--device cpu] [--json benchmarks/results/bench_fit.json]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from decode_var.param import load_param, save_param  # noqa: E402
+
+DEFAULT_FRAMES = {64: 512, 128: 256, 256: 96, 512: 32, 1024: 8}
+DENSITY_PER_PX = 6.0 / 1600.0
+
+
+def ensure_model(model: str | None, tmp: Path) -> Path:
+    """The experiment folder to fit with; builds an untrained quickstart model when none is given."""
+    if model:
+        return Path(model)
+    from importlib import resources
+
+    from decode_var.checkpoint import save_model
+    from decode_var.registry import build_model
+
+    exp = tmp / "untrained"
+    exp.mkdir()
+    with resources.as_file(resources.files("decode_var").joinpath("param/var_quickstart.yaml")) as f:
+        param = load_param(f)
+    torch.manual_seed(0)
+    save_model(exp / "model.pt", build_model(param))
+    save_param(exp / "param_run.yaml", param)
+    return exp
+
+
+def simulate_stack(param, size: int, n: int, path: Path, seed: int = 0) -> None:
+    """A TIFF of ``n`` frames of ``size`` x ``size`` px in ADU (uint16), simulated at the quickstart density."""
+    from decode_var.param import param_from_dict
+    from decode_var.simulation import Simulator
+
+    d = param.to_dict()
+    ext = [[-0.5, size - 0.5], [-0.5, size - 0.5]]
+    d["Simulation"].update(img_size=[size, size], psf_extent=ext + [None],
+                           emitter_extent=ext + [list(d["Simulation"]["emitter_extent"][2])],
+                           emitter_av=DENSITY_PER_PX * size * size)
+    d["Camera"]["convert2photons"] = False  # the simulator then returns ADU
+    sim = Simulator.parse(param_from_dict(d))
+    frames = []
+    for i in range(0, n, 8):
+        frames.append(sim.sample(min(8, n - i), seed=seed + i).frames_NCHW[:, sim.frame_window // 2])
+    import tifffile
+
+    tifffile.imwrite(path, torch.cat(frames).clamp(0, 65535).round().numpy().astype(np.uint16),
+                     photometric="minisblack")
+
+
+def model_speed(exp: Path, size: int, batch: int, n: int, device: str) -> float:
+    """Frames/s of the network alone on ``n`` windows of ``size`` px (network units, in memory)."""
+    from decode_var.inference import Predictor
+
+    pred = Predictor(load_param(exp / "param_run.yaml"), exp / "model.pt", device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, pred.channels_in, size, size, generator=g)
+    with torch.no_grad():
+        pred.model(x[:1].to(pred.device))  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            pred.model(x[:min(batch, n - done)].to(pred.device)).cpu()
+            done += batch
+    return n / (time.perf_counter() - t0)
+
+
+_CHILD = r"""
+import json, resource, sys, time, torch
+torch.set_num_threads({threads})
+from decode_var.fit import fit
+t0 = time.perf_counter()
+em = fit({param!r}, {model!r}, {frames!r}, {out!r}, {batch!r}, device={device!r}, progress=False)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+print(json.dumps({{"seconds": dt, "n_emitters": len(em), "peak_rss_mib": peak}}))
+"""
+
+
+def run_fit(exp: Path, stack: Path, out: Path, device: str, threads: int, src: Path | None = None,
+            param: Path | None = None, batch="auto") -> dict:
+    """Fit in a fresh subprocess (``src``: import decode_var from there); seconds, emitters, peak RSS."""
+    code = _CHILD.format(threads=threads, param=str(param or exp / "param_run.yaml"), model=str(exp / "model.pt"),
+                         frames=str(stack), out=str(out), batch=batch, device=device)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(src or ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd=tempfile.gettempdir())
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"fit subprocess failed:\n{stderr.decode()[-2000:]}")
+    return json.loads(stdout.decode().strip().splitlines()[-1])
+
+
+def baseline_param(exp: Path, size: int, tmp: Path, src: Path) -> Path:
+    """The hand edits an earlier version needed to fit ``size`` px frames (the issue's workaround);
+    keys that version does not know are dropped (it refuses unknown keys)."""
+    import yaml
+
+    d = yaml.safe_load((exp / "param_run.yaml").read_text())
+    _keep_known(d, yaml.safe_load((src / "decode_var" / "reference.yaml").read_text()))
+    ext = [[-0.5, size - 0.5], [-0.5, size - 0.5]]
+    d["Simulation"]["img_size"] = [size, size]
+    d["Simulation"]["psf_extent"] = ext + [None]
+    d["Simulation"]["emitter_extent"] = ext + [d["Simulation"]["emitter_extent"][2]]
+    d["TestSet"]["img_size"] = [size, size]
+    d["TestSet"]["frame_extent"] = ext + [None]
+    path = tmp / f"baseline_param_{size}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _keep_known(d: dict, ref: dict) -> None:
+    for key in list(d):
+        if key not in ref:
+            del d[key]
+        elif isinstance(d[key], dict) and isinstance(ref[key], dict) and ref[key]:
+            _keep_known(d[key], ref[key])
+
+
+def decode_infer_speed(stack: Path, device: str) -> float | None:
+    """DECODE's Infer with SigmaMUNet (reference arch_param) on the stack; None without DECODE."""
+    try:
+        from decode.neuralfitter.inference import Infer  # noqa: F401
+    except ImportError:
+        return None
+    import tifffile
+    from decode.neuralfitter.inference import Infer
+    from decode.neuralfitter.models import SigmaMUNet
+
+    model = SigmaMUNet(3, depth_shared=2, depth_union=2, initial_features=48, inter_features=48,
+                       activation=torch.nn.ELU(), norm=None, norm_groups=None, norm_head=None,
+                       norm_head_groups=None, pool_mode="StrideConv", upsample_mode="nearest",
+                       skip_gn_level=None, kaiming_normal=True)
+    frames = torch.from_numpy(tifffile.imread(stack).astype(np.float32))
+    infer = Infer(model=model, ch_in=3, frame_proc=None, post_proc=None, device=device, batch_size="auto")
+    t0 = time.perf_counter()
+    infer.forward(frames)
+    return len(frames) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="experiment folder (default: untrained quickstart model)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512])
+    ap.add_argument("--frames", type=int, nargs="+", default=None, help="frames per size (default by size)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline-src", default=None, help="checkout of an earlier decode-var to compare with")
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        exp = ensure_model(args.model, tmp)
+        param = load_param(exp / "param_run.yaml")
+        for i, size in enumerate(args.sizes):
+            n = args.frames[i] if args.frames else DEFAULT_FRAMES.get(size, 16)
+            stack = tmp / f"stack_{size}.tif"
+            simulate_stack(param, size, n, stack, seed=size)
+            fit_row = run_fit(exp, stack, tmp / f"fit_{size}.h5", args.device, args.threads)
+            from decode_var.fit import resolve_batch_size
+            from decode_var.inference import Predictor
+
+            batch = resolve_batch_size(Predictor(param, exp / "model.pt", args.device), (size, size), n)
+            model_fps = model_speed(exp, size, batch, n, args.device)
+            row = {"size": size, "frames": n, "batch": batch, "model_fps": model_fps,
+                   "fit_fps": n / fit_row["seconds"], "overhead": model_fps / (n / fit_row["seconds"]),
+                   "peak_rss_mib": fit_row["peak_rss_mib"], "n_emitters": fit_row["n_emitters"]}
+            if args.baseline_src:
+                base = run_fit(exp, stack, tmp / f"base_{size}.h5", args.device, args.threads,
+                               src=Path(args.baseline_src), param=baseline_param(exp, size, tmp, Path(args.baseline_src)), batch=64)
+                row.update(baseline_fps=n / base["seconds"], speedup=row["fit_fps"] * base["seconds"] / n,
+                           baseline_peak_rss_mib=base["peak_rss_mib"], baseline_n_emitters=base["n_emitters"])
+            row["decode_infer_fps"] = decode_infer_speed(stack, args.device)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    _print_table(rows, args)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def _print_table(rows, args) -> None:
+    print(f"\n`python benchmarks/bench_fit.py {' '.join(sys.argv[1:])}`  (device {args.device}, "
+          f"{args.threads} threads)\n")
+    head = "| frame | frames | batch | model frames/s | fit frames/s | model / fit | peak RSS |"
+    sep = "|---|---|---|---|---|---|---|"
+    if any("baseline_fps" in r for r in rows):
+        head += " before frames/s | speedup | before peak RSS |"
+        sep += "---|---|---|"
+    print(head)
+    print(sep)
+    for r in rows:
+        line = (f"| {r['size']}x{r['size']} | {r['frames']} | {r['batch']} | {r['model_fps']:.1f} | "
+                f"{r['fit_fps']:.1f} | {r['overhead']:.2f} | {r['peak_rss_mib']:.0f} MiB |")
+        if "baseline_fps" in r:
+            line += f" {r['baseline_fps']:.1f} | {r['speedup']:.2f}x | {r['baseline_peak_rss_mib']:.0f} MiB |"
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
