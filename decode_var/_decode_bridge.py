@@ -201,16 +201,9 @@ class _GaussianMMLoss(_d_loss.GaussianMMLoss):
                    chweight_stat=param.HyperParameter.chweight_stat)
 
 
-def add_to_decode_namespaces(models: dict, losses: dict) -> list:
-    added = []
-    for name, cls in models.items():
-        setattr(_d_models, name, cls)
-        added.append(f"decode.neuralfitter.models.{name}")
-    for name, cls in losses.items():
-        setattr(_d_loss, name, cls)
-        setattr(_d_loss, getattr(cls, "__name__", name), cls)
-        added.append(f"decode.neuralfitter.loss.{name}")
-    return added
+def decode_namespaces() -> dict:
+    """DECODE's module namespaces that :func:`decode_var.registry.register_with_decode` adds names to."""
+    return {"decode.neuralfitter.models": _d_models, "decode.neuralfitter.loss": _d_loss}
 
 
 class GMMTask:

@@ -1,7 +1,7 @@
 """Models and losses by name, as ``HyperParameter.architecture`` and ``HyperParameter.loss_impl`` name them.
 
 Holds decode-var's own classes, DECODE's (SigmaMUNet, DoubleMUnet, SimpleSMLMNet; GaussianMMLoss,
-PPXYZBLoss as ``decode.PPXYZBLoss``) when real DECODE is importable, and third-party entries
+PPXYZBLoss) when real DECODE is importable, and third-party entries
 from the package entry-point groups ``decode_var.models`` and ``decode_var.losses``:
 
 .. code-block:: ini
@@ -116,14 +116,39 @@ def build_loss(param):
 def register_with_decode() -> list[str]:
     """Add decode-var's models and losses to ``decode.neuralfitter.models`` / ``.loss``.
 
-    Code that resolves a class by name in DECODE's namespaces then finds them, e.g.
-    ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
+    Each class goes in under its registry name (``VARMultiScale``; ``PPXYZB``, ``AdaptivePPXYZB``),
+    the name a param file's ``architecture`` / ``loss_impl`` uses. A name DECODE already defines is
+    never replaced (decode-var's ``PPXYZB`` class is called ``PPXYZBLoss`` in Python, DECODE's
+    ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name in DECODE's namespaces then
+    finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
     """
     from .backend import resolve_backend_name
 
     resolve_backend_name("decode")  # clear error when DECODE is not usable
-    from ._decode_bridge import add_to_decode_namespaces
+    from ._decode_bridge import decode_namespaces
     from .loss import LOSSES
     from .model import MODELS
 
-    return add_to_decode_namespaces(MODELS, LOSSES)
+    namespaces = decode_namespaces()
+    return (add_absent(namespaces["decode.neuralfitter.models"], MODELS, "decode.neuralfitter.models")
+            + add_absent(namespaces["decode.neuralfitter.loss"], LOSSES, "decode.neuralfitter.loss"))
+
+
+def add_absent(namespace, entries: Dict[str, Callable], where: str) -> list[str]:
+    """Set ``namespace.<name> = cls`` for each entry whose name ``namespace`` does not have yet.
+
+    A plugin never replaces its host's names: a taken name is left as it is, with a warning naming
+    it (unless it already holds the same class, as after a second call). Returns the names added.
+    """
+    import warnings
+
+    added = []
+    for name, cls in entries.items():
+        if hasattr(namespace, name):
+            if getattr(namespace, name) is not cls:
+                warnings.warn(f"{where}.{name} exists already and is left as it is; decode-var's "
+                              f"{getattr(cls, '__name__', name)} stays reachable through decode_var.registry.")
+            continue
+        setattr(namespace, name, cls)
+        added.append(f"{where}.{name}")
+    return added

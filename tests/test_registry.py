@@ -44,3 +44,38 @@ def test_register_decorator(monkeypatch):
         pass
 
     assert registry.get_model("MyNet") is MyNet
+
+
+def test_register_with_decode_never_replaces_a_name(monkeypatch):
+    """Fake DECODE namespaces holding names decode-var's classes also have: those stay untouched."""
+    import sys
+    import types
+    import warnings
+
+    from decode_var import backend
+    from decode_var.loss import LOSSES
+
+    class DecodesPPXYZBLoss:
+        pass
+
+    models_ns = types.ModuleType("decode.neuralfitter.models")
+    loss_ns = types.ModuleType("decode.neuralfitter.loss")
+    models_ns.VARMultiScale = object()  # a host name that happens to equal one of ours
+    loss_ns.PPXYZBLoss = DecodesPPXYZBLoss  # the name our PPXYZB class carries in Python
+    assert LOSSES["PPXYZB"].__name__ == "PPXYZBLoss"
+    before = {ns: dict(vars(ns)) for ns in (models_ns, loss_ns)}
+    bridge = types.ModuleType("decode_var._decode_bridge")
+    bridge.decode_namespaces = lambda: {"decode.neuralfitter.models": models_ns, "decode.neuralfitter.loss": loss_ns}
+    monkeypatch.setitem(sys.modules, "decode_var._decode_bridge", bridge)
+    monkeypatch.setattr(backend, "resolve_backend_name", lambda name: name)
+
+    with pytest.warns(UserWarning, match=r"decode\.neuralfitter\.models\.VARMultiScale exists already"):
+        added = registry.register_with_decode()
+    for ns, old in before.items():  # nothing that was there is reassigned
+        assert all(vars(ns)[k] is v for k, v in old.items())
+    assert loss_ns.PPXYZBLoss is DecodesPPXYZBLoss
+    assert loss_ns.PPXYZB is LOSSES["PPXYZB"] and loss_ns.AdaptivePPXYZB is LOSSES["AdaptivePPXYZB"]
+    assert sorted(added) == ["decode.neuralfitter.loss.AdaptivePPXYZB", "decode.neuralfitter.loss.PPXYZB"]
+    with warnings.catch_warnings():  # a second call adds nothing and warns only about the foreign name
+        warnings.simplefilter("ignore")
+        assert registry.register_with_decode() == []

@@ -126,10 +126,18 @@ def test_register_with_decode():
     import decode.neuralfitter.models
 
     import decode_var
+    from decode_var.loss import LOSSES
+    from decode_var.model import MODELS
 
+    decodes_own = decode.neuralfitter.loss.PPXYZBLoss
+    assert decodes_own.__module__ == "decode.neuralfitter.loss"
     decode_var.register_with_decode()
-    assert getattr(decode.neuralfitter.models, "VARMultiScale").__name__ == "VARMultiScale"
-    assert getattr(decode.neuralfitter.loss, "AdaptivePPXYZB") is not None
+    assert decode.neuralfitter.models.VARMultiScale is MODELS["VARMultiScale"]
+    assert decode.neuralfitter.loss.AdaptivePPXYZB is LOSSES["AdaptivePPXYZB"]
+    assert decode.neuralfitter.loss.PPXYZB is LOSSES["PPXYZB"]
+    # a plugin never replaces its host's classes: DECODE's PPXYZBLoss stays DECODE's
+    assert decode.neuralfitter.loss.PPXYZBLoss is decodes_own
+    assert decode.neuralfitter.loss.PPXYZBLoss is not LOSSES["PPXYZB"]
 
 
 @pytest.mark.decode
