@@ -13,7 +13,9 @@ For each frame size (``--sizes``, default 64, 256 and 512 px), in one run:
 - with ``--baseline-src DIR`` (a checkout of an earlier decode-var, e.g. ``git worktree add
   /tmp/base <commit>``), the same fit run with that code, its param hand-edited to the frame size
   (that code cannot fit another size otherwise) and its default batch of 64: ``speedup`` is
-  fit frames/s / baseline frames/s, measured in the same run.
+  fit frames/s / baseline frames/s, measured in the same run;
+- with ``--compile``: the fit's model under ``torch.compile`` (``decode-var-fit --compile``), the
+  seconds of its first batch (the compile) and the frames/s after it.
 
 The model is ``--model EXP`` (an experiment folder with ``param_run.yaml`` and ``model.pt``) or,
 by default, an untrained VARMultiScale built from the embedded quickstart param (same speed; an
@@ -23,7 +25,7 @@ seeded. DECODE's ``Infer`` with SigmaMUNet is timed on the same frames when DECO
 (``n/a`` otherwise).
 
 Run: ``python benchmarks/bench_fit.py [--model out/quickstart/<exp>] [--sizes 64 256 512]
-[--baseline-src /tmp/base] [--device cpu] [--json benchmarks/results/bench_fit.json]``.
+[--baseline-src /tmp/base] [--compile] [--device cpu] [--json benchmarks/results/bench_fit.json]``.
 """
 from __future__ import annotations
 
@@ -132,6 +134,38 @@ def run_fit(exp: Path, stack: Path, out: Path, device: str, threads: int, src: P
     return json.loads(stdout.decode().strip().splitlines()[-1])
 
 
+_COMPILED = r"""
+import json, sys, time, torch
+torch.set_num_threads({threads})
+from decode_var.fit import localize_stack, resolve_batch_size
+from decode_var.inference import Predictor
+from decode_var.param import load_param
+from decode_var.tiff import TiffStack
+stack = TiffStack({frames!r})
+pred = Predictor(load_param({param!r}), {model!r}, {device!r})
+bs = resolve_batch_size(pred, stack.shape[1:], len(stack))
+pred.compile(bs)
+t0 = time.perf_counter()
+times = []
+for em in localize_stack(pred, stack, bs):
+    times.append(time.perf_counter())
+first = min(bs, len(stack))
+print(json.dumps({{"compile_s": times[0] - t0, "steady_fps": (len(stack) - first) / (times[-1] - times[0])}}))
+"""
+
+
+def run_compiled(exp: Path, stack: Path, device: str, threads: int) -> dict:
+    """The fit's model under ``torch.compile``: seconds of the first batch (compiling) and frames/s after it."""
+    code = _COMPILED.format(threads=threads, param=str(exp / "param_run.yaml"), model=str(exp / "model.pt"),
+                            frames=str(stack), device=device)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiled fit failed:\n{proc.stderr.decode()[-2000:]}")
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
 def baseline_param(exp: Path, size: int, tmp: Path, src: Path) -> Path:
     """The hand edits an earlier version needed to fit ``size`` px frames (the issue's workaround);
     keys that version does not know are dropped (it refuses unknown keys)."""
@@ -188,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline-src", default=None, help="checkout of an earlier decode-var to compare with")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the fit with --compile: first batch (compiling) and frames/s after it")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -213,6 +249,9 @@ def main(argv=None) -> int:
                                src=Path(args.baseline_src), param=baseline_param(exp, size, tmp, Path(args.baseline_src)), batch=64)
                 row.update(baseline_fps=n / base["seconds"], speedup=row["fit_fps"] * base["seconds"] / n,
                            baseline_peak_rss_mib=base["peak_rss_mib"], baseline_n_emitters=base["n_emitters"])
+            if args.compile:
+                comp = run_compiled(exp, stack, args.device, args.threads)
+                row.update(compile_s=comp["compile_s"], compiled_fps=comp["steady_fps"])
             row["decode_infer_fps"] = decode_infer_speed(stack, args.device)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -231,6 +270,9 @@ def _print_table(rows, args) -> None:
     if any("baseline_fps" in r for r in rows):
         head += " before frames/s | speedup | before peak RSS |"
         sep += "---|---|---|"
+    if any("compiled_fps" in r for r in rows):
+        head += " --compile frames/s (after a compile of) |"
+        sep += "---|"
     print(head)
     print(sep)
     for r in rows:
@@ -238,6 +280,8 @@ def _print_table(rows, args) -> None:
                 f"{r['fit_fps']:.1f} | {r['overhead']:.2f} | {r['peak_rss_mib']:.0f} MiB |")
         if "baseline_fps" in r:
             line += f" {r['baseline_fps']:.1f} | {r['speedup']:.2f}x | {r['baseline_peak_rss_mib']:.0f} MiB |"
+        if "compiled_fps" in r:
+            line += f" {r['compiled_fps']:.1f} ({r['compile_s']:.0f} s) |"
         print(line)
 
 

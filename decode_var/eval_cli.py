@@ -99,7 +99,7 @@ def simulated_test_set(param, backend, n: Optional[int] = None):
 
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
-        report=True, batch_size="auto", max_memory=None) -> dict:
+        report=True, batch_size="auto", max_memory=None, compile=False) -> dict:
     from .atomic import atomic_write_text
     from .emitter_io import save_emitters
     from .inference import Predictor, resolve_model_path
@@ -120,6 +120,8 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
         check_stack_dtype(stack.dtype, frames)
         bs = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+        if compile:
+            pred.compile(bs)
         em_out = EmitterSet.cat(localize_stack(pred, stack, bs))
         frame_hw = tuple(stack.shape[1:])
         gt = pred.backend.load_emitters(emitters) if emitters is not None else None
@@ -148,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         metrics = run(args.param_file, args.model, args.out, args.frames, args.emitters, args.n, args.device,
-                      args.trust_pickle, not args.no_report, args.batch_size, args.max_memory)
+                      args.trust_pickle, not args.no_report, args.batch_size, args.max_memory,
+                      args.compile)
     except DecodeVarError as err:
         print(f"decode-var-eval: error: {err}", file=sys.stderr)
         return 2

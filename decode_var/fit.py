@@ -102,7 +102,7 @@ def _warn(msg: str) -> None:
 
 
 def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
-        progress=True, max_memory=None):
+        progress=True, max_memory=None, compile=False):
     """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them.
 
     The frame size is taken from the stack (any size, square or not; the param is not edited).
@@ -129,6 +129,8 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     check_stack_dtype(stack.dtype, frames)
     pred = Predictor(param, resolve_model_path(model), device, trusted)
     batch_size = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+    if compile:
+        pred.compile(batch_size)
     em = EmitterSet.cat(localize_stack(pred, stack, batch_size, mask_nonfinite, progress))
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
@@ -247,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
-                 args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory)
+                 args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile)
     except DecodeVarError as err:
         print(f"decode-var-fit: error: {err}", file=sys.stderr)
         return 2

@@ -200,3 +200,36 @@ def test_the_batch_fits_the_memory_budget(small_model):
     n = pred.auto_batch_size((512, 512), budget)
     assert n * large <= budget < (n + 1) * large
     assert pred.auto_batch_size((512, 512), budget, n_frames=3) == 3
+
+
+def test_compiled_fit_pads_the_last_batch_and_falls_back_when_compiling_fails(tmp_path, monkeypatch, capsys):
+    """``--compile`` runs one fixed batch shape (the last batch padded); a compile error falls back to
+    eager mode with a warning. torch.compile itself is replaced here: compiling takes minutes."""
+    folder = _oracle_dir(tmp_path / "model")
+    frames = np.full((7, 40, 40), 10.0)
+    for t in range(7):
+        frames[t, 5 + 4 * t, 30 - 3 * t] += 500.0
+    eager = _fit(folder, frames, tmp_path, "--batch-size", "3")
+    seen = []
+
+    def fake_compile(model, dynamic=None):
+        def run(x):
+            seen.append(x.shape[0])
+            return model(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = _fit(folder, frames, tmp_path, "--batch-size", "3", "--compile")
+    assert seen == [3, 3, 3]  # 7 frames: 3 + 3 + (1 padded to 3)
+    assert torch.equal(compiled.xyz, eager.xyz) and torch.equal(compiled.frame_ix, eager.frame_ix)
+
+    def broken_compile(model, dynamic=None):
+        def run(x):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    capsys.readouterr()
+    fallback = _fit(folder, frames, tmp_path, "--batch-size", "3", "--compile")
+    assert "torch.compile failed" in capsys.readouterr().err
+    assert torch.equal(fallback.xyz, eager.xyz)
