@@ -8,6 +8,9 @@ For each frame size (``--sizes``, default 64, 256 and 512 px), in one run:
   photons, windows, model, post-processing, writing the .h5), timed inside a fresh subprocess
   from the call to ``fit`` to its return (the model is built and loaded inside that time);
 - ``overhead``: model frames/s / fit frames/s (1 = the fit costs nothing besides the model);
+- where the fit's time goes: waiting for the reading thread, guards and unit conversion, window
+  assembly, the model, post-processing (``localize_stack``'s ``timings``), the rest being start-up,
+  the model load and writing the file;
 - ``peak RSS``: the subprocess's peak resident memory (``ru_maxrss``), the whole Python process
   with torch, the model and everything the fit holds;
 - with ``--baseline-src DIR`` (a checkout of an earlier decode-var, e.g. ``git worktree add
@@ -110,12 +113,16 @@ def model_speed(exp: Path, size: int, batch: int, n: int, device: str) -> float:
 _CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads({threads})
-from decode_var.fit import fit
+import decode_var.fit as F
+timings = {{}}
+if "timings" in F.localize_stack.__code__.co_varnames:  # profile the stages (this version has the hook)
+    _orig = F.localize_stack
+    F.localize_stack = lambda *a, **k: _orig(*a, timings=timings, **k)
 t0 = time.perf_counter()
-em = fit({param!r}, {model!r}, {frames!r}, {out!r}, {batch!r}, device={device!r}, progress=False)
+em = F.fit({param!r}, {model!r}, {frames!r}, {out!r}, {batch!r}, device={device!r}, progress=False)
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-print(json.dumps({{"seconds": dt, "n_emitters": len(em), "peak_rss_mib": peak}}))
+print(json.dumps({{"seconds": dt, "n_emitters": len(em), "peak_rss_mib": peak, "stages": timings}}))
 """
 
 
@@ -243,7 +250,8 @@ def main(argv=None) -> int:
             model_fps = model_speed(exp, size, batch, n, args.device)
             row = {"size": size, "frames": n, "batch": batch, "model_fps": model_fps,
                    "fit_fps": n / fit_row["seconds"], "overhead": model_fps / (n / fit_row["seconds"]),
-                   "peak_rss_mib": fit_row["peak_rss_mib"], "n_emitters": fit_row["n_emitters"]}
+                   "peak_rss_mib": fit_row["peak_rss_mib"], "n_emitters": fit_row["n_emitters"],
+                   "stages_s": fit_row.get("stages", {})}
             if args.baseline_src:
                 base = run_fit(exp, stack, tmp / f"base_{size}.h5", args.device, args.threads,
                                src=Path(args.baseline_src), param=baseline_param(exp, size, tmp, Path(args.baseline_src)), batch=64)
@@ -256,10 +264,27 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     _print_table(rows, args)
+    _print_stages(rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _print_stages(rows) -> None:
+    rows = [r for r in rows if r.get("stages_s")]
+    if not rows:
+        return
+    names = ["wait_read", "convert", "windows", "model", "post"]
+    print("\nWhere a fit's time goes (share of the fit's wall time; the rest is start-up, the model load and "
+          "writing the file):\n")
+    print("| frame | " + " | ".join(names) + " | rest |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for r in rows:
+        total = r["frames"] / r["fit_fps"]
+        shares = [r["stages_s"].get(k, 0.0) / total for k in names]
+        print(f"| {r['size']}x{r['size']} | " + " | ".join(f"{100 * v:.1f} %" for v in shares) +
+              f" | {100 * (1 - sum(shares)):.1f} % |")
 
 
 def _print_table(rows, args) -> None:

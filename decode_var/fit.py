@@ -158,13 +158,16 @@ def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=No
 
 
 def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, progress: bool = False,
-                   prefetch: bool = True):
+                   prefetch: bool = True, timings: Optional[dict] = None):
     """Yield one EmitterSet per batch of ``batch_size`` centre frames of ``stack`` (frame_ix in the stack).
 
     Each frame is read and converted once: a block of frames (the batch plus the window's halo) is read
     (the next block on a background thread while the model runs), checked, converted to photons and
     to network units as a (T, H, W) block, and only then expanded into (B, C, H, W) windows. At the
     stack ends the windows repeat the first / last frame, as DECODE's ``Infer``.
+
+    ``timings``: a dict that receives the seconds spent per stage (``wait_read``: waiting for the
+    reading thread, ``convert``: guards and unit conversion, ``windows``, ``model``, ``post``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -182,9 +185,11 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
         bar = tqdm(total=n_total, desc="fitting", unit="frame")
     pool = ThreadPoolExecutor(1) if prefetch else None
     try:
+        clock = _StageClock(timings)
         nxt = pool.submit(next, blocks, None) if pool else None
         while True:
             item = nxt.result() if pool else next(blocks, None)
+            clock.lap("wait_read")
             if item is None:
                 break
             if pool:
@@ -193,9 +198,16 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
             block_THW = check_block_values(block_THW, lo, mask_nonfinite, adu)
             report.add(block_THW[b0 - lo:b1 - lo], b0)
             net_THW = pred.to_network(pred.adu_to_photons(block_THW))
+            clock.lap("convert")
             ix = window_indices(torch.arange(b0, b1), n_total, pred.channels_in) - lo
-            maps = pred.maps(net_THW[ix], first_frame=b0)
-            yield pred.emitters(maps, first_frame=b0, frame_hw=hw)
+            windows_NCHW = net_THW[ix]
+            clock.lap("windows")
+            maps = pred.maps(windows_NCHW, first_frame=b0)
+            clock.lap("model")
+            em = pred.emitters(maps, first_frame=b0, frame_hw=hw)
+            clock.lap("post")
+            yield em
+            clock.lap(None)  # the consumer's time is not ours
             if bar is not None:
                 bar.update(b1 - b0)
     finally:
@@ -204,6 +216,24 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
         if bar is not None:
             bar.close()
     report.finish(stack.path if hasattr(stack, "path") else "the stack")
+
+
+class _StageClock:
+    """Adds the seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
+
+    def __init__(self, timings: Optional[dict]):
+        import time
+
+        self.timings, self._now = timings, time.perf_counter
+        self.t = self._now()
+
+    def lap(self, stage: Optional[str]) -> None:
+        if self.timings is None:
+            return
+        t = self._now()
+        if stage is not None:
+            self.timings[stage] = self.timings.get(stage, 0.0) + t - self.t
+        self.t = t
 
 
 def check_block_values(frames_THW: torch.Tensor, first: int, mask_nonfinite: bool, adu: bool = False) -> torch.Tensor:
