@@ -25,11 +25,30 @@ def test_unknown_decode_keys_are_kept_and_round_trip(tmp_path):
     assert load_param(tmp_path / "p.yaml") == p
 
 
+def _leaves(data: dict, path=()):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, path + (k,))
+        else:
+            yield path + (k,), v
+
+
 def test_reference_param_files_load():
+    """Every shipped param file loads, and every value it sets is read back unchanged (nulls may be filled)."""
     from pathlib import Path
 
-    for f in sorted((Path(__file__).parents[1] / "param").glob("*.yaml")):
-        load_param(f)
+    files = sorted((Path(__file__).parents[1] / "param").glob("*.yaml"))
+    names = {f.name for f in files}
+    assert {"reference.yaml", "var_quickstart.yaml", "var_spline.yaml", "sigmamunet_decode.yaml"} <= names, names
+    for f in files:
+        loaded = load_param(f).to_dict()
+        leaves = [(path, v) for path, v in _leaves(yaml.safe_load(f.read_text())) if v is not None]
+        assert len(leaves) > 20, f
+        for path, value in leaves:
+            got = loaded
+            for k in path:
+                got = got[k]
+            assert got == value, (f.name, ".".join(path), value, got)
 
 
 @pytest.mark.parametrize("data,match", [

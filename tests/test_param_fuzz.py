@@ -4,9 +4,8 @@ Never a bare KeyError / TypeError / AttributeError / ValueError from inside the 
 param builds every training component without one either. Two parts: a deterministic sweep that sets
 every key and section of ``decode_var/reference.yaml`` to each of 15 hostile values (plus deletes and
 misspells it), and Hypothesis combining up to 4 random mutations. The harness is in
-``benchmarks/bench_reliability.py`` (``--fuzz N`` runs more cases).
+``tests/reliability_harness.py`` (``benchmarks/bench_reliability.py --fuzz N`` runs more cases).
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,9 @@ from hypothesis import strategies as st
 from decode_var.errors import ParamError
 from decode_var.param import load_param, load_reference, param_from_dict
 
+import reliability_harness as bench
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_reliability", REPO / "benchmarks" / "bench_reliability.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
 
 
 def test_sweep_over_every_key_of_the_reference():

@@ -2,9 +2,9 @@
 
 The training runs here are real ``python -m decode_var.train`` processes on a tiny param (16x16 frames,
 features 8), stopped with real signals, as a user would. The harness lives in
-``benchmarks/bench_reliability.py`` (which runs the same checks with more cases and prints the counts).
+``tests/reliability_harness.py`` (``benchmarks/bench_reliability.py`` runs the same checks with more cases and
+prints the counts).
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -23,18 +23,10 @@ from decode_var.atomic import atomic_write, remove_stale_temporaries, temporarie
 from decode_var.checkpoint import load_checkpoint, safe_load
 from decode_var.errors import CheckpointError, InputDataError
 
+import reliability_harness as bench
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_reliability", REPO / "benchmarks" / "bench_reliability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load_bench()
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +144,14 @@ def test_sigint_mid_epoch_checkpoints_prints_the_command_and_resumes_to_the_same
 
 
 def test_sigterm_twice_stops_at_once_and_the_last_checkpoint_is_intact(signal_ref):
-    r = bench.signal_test(signal_ref["param"], signal_ref, signal.SIGTERM, second=True)
+    for _ in range(3):  # only the race of the second signal against the run's own exit is retried
+        r = bench.signal_test(signal_ref["param"], signal_ref, signal.SIGTERM, second=True)
+        if r["second_landed"]:
+            break
+    assert r["second_landed"], f"the second SIGTERM never reached the run in 3 tries:\n{r['stderr'][-2000:]}"
     assert r["rc"] == 130
-    if "second SIGTERM" in r["stderr"]:
-        assert "stopped at once; the last complete checkpoint is intact" in r["stderr"]
+    assert "received SIGTERM: finishing this step" in r["stderr"]
+    assert "second SIGTERM: stopped at once; the last complete checkpoint is intact" in r["stderr"]
     assert r["identical"]
 
 
