@@ -248,6 +248,10 @@ class GMMTask:
     def physical_output(self, frames):
         return self.inverse.forward(self.model(frames).float())
 
+    def fixed_loss(self, out_phys, tgt):
+        """None: GaussianMMLoss has no changing weights, so the test loss itself keeps its definition."""
+        return None
+
     def postprocess(self, out_phys):
         em = self.pp.forward(self.offset2coord.forward(out_phys.clone()))
         return self.backend.to_builtin(em)

@@ -24,6 +24,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .backend import get_backend
 from .errors import DecodeVarError
+from .loss import unit_weight_loss
 from .scales import ScaleSchedule
 from .simulation import FrameScale
 from .targets import MultiScaleTargets, TargetRescale
@@ -158,6 +159,13 @@ class SixChannelTask:
         """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1)."""
         out = self.model(frames)
         return self.rescale.inverse(out.float(), self.schedule.finest.cell_size)
+
+    def fixed_loss(self, out_phys_N6HW, tgt) -> torch.Tensor:
+        """Per-sample loss ``(N,)`` of the finest scale with unit channel weights, from the eval output of
+        :meth:`physical_output`: a definition that does not change during the run (training curves)."""
+        targets, weights = tgt
+        out_N6HW = self.rescale.forward(out_phys_N6HW, self.schedule.finest.cell_size)
+        return unit_weight_loss(out_N6HW, targets[-1], weights[-1])
 
     def postprocess(self, out_phys):
         return self.post.forward(out_phys) if self.post is not None else None
@@ -465,7 +473,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 64):
-        """Test loss (all active scales), its components, and localization metrics of the finest scale."""
+        """Test loss (all active scales), its components, and localization metrics of the finest scale.
+
+        ``metrics['loss_fixed']``: the task's test loss of a definition that does not change during the
+        run (six-channel models: the finest scale's eval output with unit channel weights), computed
+        from the same eval outputs as the metrics, with no random draw.
+        """
         batch, frames, tgt = self.test_set()
         n = frames.size(0)
         n_active = getattr(self.loss, "active_scales", None)
@@ -485,11 +498,17 @@ class Trainer:
         test_loss = sum(losses) / n
         components = {k: sum(c.get(k, 0.0) for c in comps) / len(comps) for k in comps[0]}
         self.model.eval()
-        outs = [self.task.physical_output(frames[i:i + batch_size]).cpu() for i in range(0, n, batch_size)]
+        outs, fixed = [], []
+        for i in range(0, n, batch_size):
+            out_b = self.task.physical_output(frames[i:i + batch_size])
+            fixed.append(self.task.fixed_loss(out_b, _slice(tgt, slice(i, i + batch_size))))
+            outs.append(out_b.cpu())
         self.model.train()
         out_phys = torch.cat(outs, 0)
         metrics = localization_metrics(self.task, self.backend, self.matcher, out_phys, batch,
                                        self.param.HyperParameter.emitter_label_photon_min)
+        if fixed[0] is not None:  # the test loss of a fixed definition, next to the optimised one
+            metrics["loss_fixed"] = float(torch.cat(fixed).mean())
         return test_loss, components, metrics
 
     # ------------------------------------------------------------------------------ logging
@@ -500,6 +519,7 @@ class Trainer:
         m = entry.get("metrics", {})
         if self.progress:
             print(f"epoch {entry['epoch']}: train {entry['train_loss']:.4f} test {entry['test_loss']:.4f} "
+                  f"(fixed-definition test loss {m.get('loss_fixed', float('nan')):.4f}) "
                   f"jac {m.get('jac', float('nan')):.3f} rmse_lat {m.get('rmse_lat', float('nan')):.1f} nm "
                   f"effcy_lat {m.get('effcy_lat', float('nan')):.3f} scales {entry['active_scales']} "
                   f"tf {entry['teacher_forcing']:.2f} chw {[round(w, 2) for w in entry['channel_weights']]} "

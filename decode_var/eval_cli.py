@@ -112,6 +112,9 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         frames_NCHW, gt = simulated_test_set(param, pred.backend, n)
         em_out = pred.predict(frames_NCHW)
         frame_hw = tuple(frames_NCHW.shape[-2:])
+        centre = frames_NCHW.size(1) // 2  # each sample's own frame within its temporal window
+        frame_image = lambda f: frames_NCHW[f, centre].cpu().numpy()  # noqa: E731
+        image_unit = "photons"
     else:
         from .emitters import EmitterSet
         from .fit import check_stack_dtype, localize_stack, resolve_batch_size
@@ -124,6 +127,9 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
             pred.compile(bs)
         em_out = EmitterSet.cat(localize_stack(pred, stack, bs))
         frame_hw = tuple(stack.shape[1:])
+        # only the frames shown are read; ground truth may name frames the stack does not hold
+        frame_image = lambda f: stack.read(f, f + 1)[0] if 0 <= f < len(stack) else None  # noqa: E731
+        image_unit = "ADU"
         gt = pred.backend.load_emitters(emitters) if emitters is not None else None
     out.mkdir(parents=True, exist_ok=True)
     metrics = {}
@@ -134,7 +140,8 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         if report:
             from .plots import plot_eval_report
 
-            plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw)
+            plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
+                             frame_image=frame_image, image_unit=image_unit)
     elif frames is not None and emitters is None:
         print("[decode-var] no --emitters given: localizations written, no metrics.", file=sys.stderr)
     save_emitters(out / "emitters.csv", em_out)

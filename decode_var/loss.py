@@ -456,6 +456,23 @@ class AdaptivePPXYZBLoss(PPXYZBLoss):
         self.adaptive.load_state_dict(state["adaptive"])
 
 
+def unit_weight_loss(prob_output_N6HW: torch.Tensor, target_N6HW: torch.Tensor,
+                     weight_N6HW: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss ``(N,)`` of one scale whose definition never changes during a run.
+
+    For training curves comparable across epochs: the optimised loss changes its definition as the
+    progressive scale weights and adaptive channel weights move. Here: binary cross-entropy of p (a
+    probability in 0..1, as the model's eval output gives it; no pos_weight) and squared error of phot,
+    x, y, z, bg (network units: phot / phot_max, offsets in cells of this scale, z / z_max, bg / bg_max),
+    each times the weight map, unit channel weights, mean over channels and cells. Computed in float32.
+    """
+    out, tar, wgt = (t.float() for t in (prob_output_N6HW, target_N6HW, weight_N6HW))
+    with _no_autocast(out.device):
+        p_loss = F.binary_cross_entropy(out[:, :1].clamp(0.0, 1.0), tar[:, :1], reduction="none")
+        rest_loss = F.mse_loss(out[:, 1:], tar[:, 1:], reduction="none")
+        return (torch.cat((p_loss, rest_loss), 1) * wgt).flatten(1).mean(1)
+
+
 #: Name -> class, for the plugin's loss registry (``HyperParameter.loss_impl``).
 LOSSES = {"PPXYZB": PPXYZBLoss, "AdaptivePPXYZB": AdaptivePPXYZBLoss}
 
@@ -525,4 +542,5 @@ def _non_negative(key: str, v) -> float:
     return f
 
 
-__all__ = ["PPXYZBLoss", "AdaptivePPXYZBLoss", "LOSSES", "PRESETS", "SCHEDULES", "ScaleSlice", "EPS"]
+__all__ = ["PPXYZBLoss", "AdaptivePPXYZBLoss", "unit_weight_loss", "LOSSES", "PRESETS", "SCHEDULES", "ScaleSlice",
+           "EPS"]

@@ -22,11 +22,15 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     plt = _plt()
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
-    ax[0, 0].plot(ep, [h["train_loss"] for h in history], label="train")
-    ax[0, 0].plot(ep, [h["test_loss"] for h in history], label="test")
+    # the optimised loss changes its definition as scale and channel weights move, so its level is not
+    # comparable across epochs; the fixed-definition loss is (finest scale, unit channel weights)
+    fixed = [h.get("metrics", {}).get("loss_fixed", float("nan")) for h in history]
+    ax[0, 0].plot(ep, fixed, "k-o", ms=3, label="test, fixed definition (finest scale, unit weights)")
+    ax[0, 0].plot(ep, [h["train_loss"] for h in history], "C0--", label="train, optimised (weights change)")
+    ax[0, 0].plot(ep, [h["test_loss"] for h in history], "C1--", label="test, optimised (weights change)")
     ax[0, 0].set_yscale("log")
-    ax[0, 0].set_title("loss")
-    ax[0, 0].legend()
+    ax[0, 0].set_title("loss: compare epochs on the fixed-definition curve")
+    ax[0, 0].legend(fontsize=7)
     for ch in CHANNELS:
         ax[0, 1].plot(ep, [h.get("components", {}).get(ch, float("nan")) for h in history], label=ch)
     ax[0, 1].set_yscale("log")
@@ -53,10 +57,14 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, frame_hw=None) -> None:
+def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, frame_hw=None,
+                     frame_image=None, image_unit: str = "") -> None:
     """``report.png``: error histograms, predicted vs true positions, Jaccard / RMSE by photon bin.
 
     ``frame_hw``: frame size (size_x, size_y) in px of the evaluated frames (default Simulation.img_size).
+    ``frame_image``: optional ``f -> (size_x, size_y)`` array (or None), the camera frame ``f``
+    (``image_unit``, e.g. photons or ADU) drawn under the true and predicted positions of the two
+    frame panels.
     """
     import numpy as np
     import torch
@@ -78,9 +86,15 @@ def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, 
     for j, f in enumerate(frames[:2]):
         a = ax[1, j]
         g, o = gt[gt.frame_ix == f], em_out[em_out.frame_ix == f]
-        a.scatter(g.xyz_px[:, 1], g.xyz_px[:, 0], s=40, facecolors="none", edgecolors="k", label="true")
-        a.scatter(o.xyz_px[:, 1], o.xyz_px[:, 0], s=12, c="r", label="predicted")
         hw = frame_hw or param.Simulation.img_size
+        img = frame_image(f) if frame_image is not None else None
+        if img is not None:  # pixel (i, j) centred on x = i (down), y = j (right)
+            im = a.imshow(np.asarray(img, dtype=np.float32), cmap="gray", interpolation="nearest",
+                          extent=(-0.5, hw[1] - 0.5, hw[0] - 0.5, -0.5))
+            fig.colorbar(im, ax=a, fraction=0.046, pad=0.02, label=image_unit)
+        true_edge = "c" if img is not None else "k"  # visible on a dark frame
+        a.scatter(g.xyz_px[:, 1], g.xyz_px[:, 0], s=40, facecolors="none", edgecolors=true_edge, label="true")
+        a.scatter(o.xyz_px[:, 1], o.xyz_px[:, 0], s=12, c="r", label="predicted")
         a.set_xlim(-0.5, hw[1] - 0.5)
         a.set_ylim(hw[0] - 0.5, -0.5)
         a.set_title(f"frame {f} (y right, x down; px)")

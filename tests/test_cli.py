@@ -39,7 +39,23 @@ def _stack(exp: Path, tmp: Path, n=12):
     return path, gt
 
 
-def test_eval_on_simulated_test_set(trained, tmp_path, capsys):
+def _spy_report_frames(monkeypatch) -> dict:
+    """Record what decode-var-eval hands report.png: the frames drawn under the positions."""
+    import decode_var.plots as plots
+
+    seen = {}
+    real = plots.plot_eval_report
+
+    def spy(*a, frame_image=None, image_unit="", **k):
+        seen["unit"], seen["frame0"] = image_unit, frame_image(0) if frame_image is not None else None
+        return real(*a, frame_image=frame_image, image_unit=image_unit, **k)
+
+    monkeypatch.setattr(plots, "plot_eval_report", spy)
+    return seen
+
+
+def test_eval_on_simulated_test_set(trained, tmp_path, capsys, monkeypatch):
+    seen = _spy_report_frames(monkeypatch)
     out = tmp_path / "eval"
     assert eval_main(["-p", str(trained / "param_run.yaml"), "--model", str(trained / "model.pt"),
                       "--out", str(out)]) == 0
@@ -50,9 +66,14 @@ def test_eval_on_simulated_test_set(trained, tmp_path, capsys):
     assert metrics["n_gt"] > 0 and 0.0 <= metrics["jac"] <= 1.0
     assert (out / "emitters.csv").is_file() and (out / "report.png").is_file()
     assert "jac" in capsys.readouterr().out
+    # the report's frame panels show the simulated camera frame (the centre of sample 0's window)
+    param = load_param(trained / "param_run.yaml")
+    assert seen["unit"] == "photons" and seen["frame0"].shape == tuple(param.Simulation.img_size)
+    assert np.isfinite(seen["frame0"]).all() and seen["frame0"].max() > seen["frame0"].min()
 
 
-def test_fit_then_eval_on_a_tiff(trained, tmp_path):
+def test_fit_then_eval_on_a_tiff(trained, tmp_path, monkeypatch):
+    seen = _spy_report_frames(monkeypatch)
     stack, gt = _stack(trained, tmp_path)
     d = yaml.safe_load((trained / "param_run.yaml").read_text())
     # a briefly trained model is unsure everywhere: with this threshold every local maximum of p is an
@@ -70,6 +91,7 @@ def test_fit_then_eval_on_a_tiff(trained, tmp_path):
     assert eval_main(["-p", str(trained / "param_run.yaml"), "--model", str(trained / "model.pt"), "--frames",
                       str(stack), "--emitters", str(gt), "--out", str(ev)]) == 0
     assert json.loads((ev / "metrics.json").read_text())["n_gt"] > 0
+    assert seen["unit"] == "ADU" and np.array_equal(seen["frame0"], tifffile.imread(stack)[0])
 
 
 def test_fit_output_loads_with_decode(trained, tmp_path):
