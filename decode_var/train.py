@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import DecodeVarError
+from .errors import DecodeVarError, ParamError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -29,7 +29,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("-i", "--device", default=None, help="device (cpu, cuda, cuda:0); overrides Hardware.device")
     p.add_argument("-p", "--param_file", required=True, help="param file (.yaml / .json)")
     p.add_argument("-d", "--debug", action="store_true", help="debug: small data set, experiment folder 'debug'")
-    p.add_argument("-w", "--num_worker_override", type=int, default=None, help="override Hardware.num_worker_train")
+    p.add_argument("-w", "--num_worker_override", type=int, default=None,
+                   help="override Hardware.num_worker_train; only 0 is accepted (see train.check_num_workers)")
     p.add_argument("-n", "--no_log", action="store_true", help="no TensorBoard log")
     p.add_argument("-l", "--log_folder", default="runs", help="parent folder of the TensorBoard logs")
     p.add_argument("-c", "--log_comment", default=None, help="comment appended to the experiment name")
@@ -95,6 +96,21 @@ def train(param_file, device: Optional[str] = None, debug: bool = False, no_log:
         distributed.shutdown_owned()
 
 
+def check_num_workers(n: int) -> None:
+    """``-w``: simulation in DataLoader worker processes is not implemented; only 0 is accepted.
+
+    Every batch is simulated in the training process from seeds derived from (VAR.seed, epoch, step),
+    which is what makes a run, and a run resumed mid-epoch, bit for bit the same. Workers would need
+    the same per-sample seeds inside each worker and a resumable sampler; until then a value > 0 is
+    refused rather than silently ignored.
+    """
+    if n != 0:
+        raise ParamError(f"-w {n} (Hardware.num_worker_train) is not implemented: decode-var simulates every batch "
+                         "in the training process, seeded by (VAR.seed, epoch, step), so that a run and its resume "
+                         "are bit for bit the same; simulation in DataLoader workers is not built. Leave out -w "
+                         "(or pass -w 0).")
+
+
 def _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle, progress,
            overrides):
     from . import distributed
@@ -108,6 +124,7 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
         param.HyperParameter.pseudo_ds_size = min(param.HyperParameter.pseudo_ds_size, 256)
         param.TestSet.test_size = min(param.TestSet.test_size, 64)
     if num_worker_override is not None:
+        check_num_workers(num_worker_override)
         param.Hardware.num_worker_train = num_worker_override
     device = device or param.Hardware.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -121,6 +138,9 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
         timeout = getattr(param.VAR.train, "ddp_timeout", distributed.DEFAULT_TIMEOUT_S)
         ctx, device = distributed.init_from_env(device, timeout)
     is_main = ctx is None or ctx.is_main
+    if param.Hardware.num_worker_train and is_main:  # DECODE's param files carry 4: accepted, said to do nothing
+        print(f"[decode-var] Hardware.num_worker_train = {param.Hardware.num_worker_train} is ignored: batches are "
+              "simulated in the training process (see decode_var.train.check_num_workers).", file=sys.stderr)
     # files are read and written by rank 0 alone; its result (or error) reaches every rank
     on_main = ctx.run_on_main if ctx is not None else (lambda fn: fn())
     state = on_main(lambda: load_checkpoint(param.InOut.checkpoint_init)) if param.InOut.checkpoint_init else None

@@ -39,9 +39,11 @@ def write_param(tmp_path: Path, **over) -> Path:
     return path
 
 
-def test_tiny_training_run_writes_decode_layout(tmp_path):
-    p = write_param(tmp_path, VAR={**TINY["VAR"], "train": {"plot": True}})
+def test_tiny_training_run_writes_decode_layout(tmp_path, capsys):
+    # num_worker_train: 4 as in DECODE's reference param: accepted, and said to do nothing
+    p = write_param(tmp_path, VAR={**TINY["VAR"], "train": {"plot": True}}, Hardware={"num_worker_train": 4})
     trainer = train(p, log_comment="tiny", progress=False)
+    assert "Hardware.num_worker_train = 4 is ignored" in capsys.readouterr().err
     exp = trainer.exp_dir
     for name in ("param_run_in.yaml", "param_run.yaml", "model.pt", "ckpt.pt", "history.json",
                  "training_curves.png"):
@@ -253,3 +255,13 @@ def test_sigmamunet_step_matches_decode_training_loop():
     assert any(not torch.equal(after[k], init[k]) for k in init)  # the step did move the weights
     for name in after:
         assert torch.equal(after[name], ref[name]), name
+
+
+@pytest.mark.parametrize("workers", ["1", "2", "-1"])
+def test_worker_flag_other_than_0_is_refused_naming_why(tmp_path, capsys, workers):
+    p = write_param(tmp_path)
+    assert train_main(["-p", str(p), "-w", workers, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"-w {workers} (Hardware.num_worker_train) is not implemented" in err
+    assert "bit for bit" in err and "Leave out -w" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
