@@ -41,6 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--mask-nonfinite", action="store_true",
                    help="replace NaN/Inf pixels by the median of the frame's finite pixels instead of stopping")
     p.add_argument("--no-progress", action="store_true")
+    # issue 15: exports for other software and the super-resolution image, next to --out
+    p.add_argument("--format", nargs="+", default=["decode"], choices=("decode", "picasso", "thunderstorm"),
+                   help="also write <out>_locs.hdf5 + .yaml (picasso) and/or <out>_thunderstorm.csv; --out is "
+                        "always DECODE's format (docs/spline_render_export.md)")
+    p.add_argument("--no-render", action="store_true", help="do not write <out>_render.png / .tif")
     return p.parse_args(argv)
 
 
@@ -284,6 +289,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"decode-var-fit: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(em)} emitters to {args.out}")
+    try:
+        from .export import write_fit_outputs
+
+        extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render)
+    except DecodeVarError as err:
+        print(f"decode-var-fit: error: the emitters are saved in {args.out}, but {err}", file=sys.stderr)
+        return 2
+    if extra:
+        print(f"wrote {', '.join(str(p) for p in extra)}")
     return 0
 
 
