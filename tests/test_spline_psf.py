@@ -243,3 +243,20 @@ def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
     assert (exp / "model.pt").is_file()
     metrics = run_eval(exp / "param_run.yaml", exp / "model.pt", tmp_path / "eval", n=4, report=False)
     assert (tmp_path / "eval" / "metrics.json").is_file() and metrics["n_gt"] > 0
+    # and a fit of a spline-PSF movie (ADU) with the exports and the render next to the emitter file
+    import tifffile
+
+    from decode_var.fit import main as fit_main
+    from decode_var.param import load_param
+
+    sim = Simulator.parse(load_param(exp / "param_run.yaml"))
+    sim.camera.photon_units = False
+    movie = sim.sample(2, seed=3).frames_NCHW.reshape(-1, 16, 16).clamp(0, 65535).round().numpy().astype(np.uint16)
+    tif = tmp_path / "movie.tif"
+    tifffile.imwrite(tif, movie, photometric="minisblack")
+    out = tmp_path / "fit.h5"
+    assert fit_main(["-p", str(exp / "param_run.yaml"), "--model", str(exp / "model.pt"), "--frames", str(tif),
+                     "--out", str(out), "--format", "picasso", "thunderstorm", "--no-progress"]) == 0
+    for name in ("fit.h5", "fit_locs.hdf5", "fit_locs.yaml", "fit_thunderstorm.csv", "fit_render.png", "fit_render.tif"):
+        assert (tmp_path / name).is_file(), name
+    assert yaml.safe_load((tmp_path / "fit_locs.yaml").read_text())["Frames"] == 6
