@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import InputDataError, ParamError
+from .errors import InputDataError, ParamError, ShapeError
 
 __all__ = ["SplineCalibration", "load_calibration", "save_calibration", "make_calibration",
            "gaussian_pixel_model", "SplinePSF", "OUT_OF_ROI_VALUE"]
@@ -335,7 +335,7 @@ class SplinePSF:
             xyz_E3 = xyz_E3.float()
         phot_E = torch.as_tensor(phot_E, dtype=xyz_E3.dtype, device=xyz_E3.device).reshape(-1)
         if xyz_E3.dim() != 2 or xyz_E3.size(1) != 3 or phot_E.numel() != xyz_E3.size(0):
-            raise ParamError(f"SplinePSF expects xyz (E, 3) and phot (E,), got {tuple(xyz_E3.shape)} and "
+            raise ShapeError(f"SplinePSF expects xyz (E, 3) and phot (E,), got {tuple(xyz_E3.shape)} and "
                              f"{tuple(phot_E.shape)}.")
         impl_E3, corner_E2 = self._impl_coords(xyz_E3)
         out = [self._rois_block(impl_E3[s:s + self.chunk], phot_E[s:s + self.chunk])

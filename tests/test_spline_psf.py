@@ -260,3 +260,11 @@ def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
     for name in ("fit.h5", "fit_locs.hdf5", "fit_locs.yaml", "fit_thunderstorm.csv", "fit_render.png", "fit_render.tif"):
         assert (tmp_path / name).is_file(), name
     assert yaml.safe_load((tmp_path / "fit_locs.yaml").read_text())["Frames"] == 6
+
+
+def test_wrong_shapes_are_named(calib):
+    from decode_var.errors import ShapeError
+
+    psf = SplinePSF((-0.5, 31.5), (-0.5, 23.5), (32, 24), calib)
+    with pytest.raises(ShapeError, match=r"xyz \(E, 3\) and phot \(E,\), got \(2, 2\)"):
+        psf.rois(torch.zeros(2, 2), torch.ones(2))
