@@ -220,7 +220,16 @@ def test_builtin_spline_equals_decode_cubic_spline_psf(calib_file, roi_size, aut
     keep = slice(0, 20)
     crlb_theirs, _ = theirs.psf.crlb(xyz[keep], phot[keep], bg[keep])
     crlb_ours = ours.crlb(xyz[keep], phot[keep], bg[keep])
-    assert torch.allclose(crlb_ours, crlb_theirs.float(), rtol=1e-3)
+    if auto:
+        assert torch.allclose(crlb_ours, crlb_theirs.float(), rtol=1e-3)
+    else:
+        # Without auto-centring the 13 x 13 ROI reaches past the calibration's coefficient grid, where
+        # SplinePSF's C code sets every derivative to 0, d/dbg included (it should be 1): DECODE then
+        # counts less Fisher information for photons and background than the model holds (seen: phot
+        # 2.5 %, bg 20 % off). x and y, whose information comes from inside the grid, agree; z, coupled
+        # to photons and background in the Fisher matrix, to 1 % (seen: up to 0.4 %).
+        assert torch.allclose(crlb_ours[:, :2], crlb_theirs.float()[:, :2], rtol=1e-3)
+        assert torch.allclose(crlb_ours[:, 2], crlb_theirs.float()[:, 2], rtol=1e-2)
 
 
 def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
