@@ -103,6 +103,9 @@ def _as_list(x: TensorOrList, what: str) -> list[torch.Tensor]:
                      f"got {type(x).__name__}.")
 
 
+_SCALE_BALANCE = ("mean", "cells")
+
+
 class PPXYZBLoss:
     """6-channel loss with static channel weights and a progressive scale schedule (``PPXYZB``).
 
@@ -118,6 +121,10 @@ class PPXYZBLoss:
         forward_safety: check shapes in every forward (cheap; DECODE's flag of the same name).
         factors: the scales' factors (``VAR.scales``); the detection BCE of a scale with factor
             f > 1 uses ``pos_weight * f**2``. None: ``pos_weight`` on every scale.
+        scale_balance: ``'mean'``: every scale's loss is its mean over its cells (a 10 x 10 grid
+            weighs as much as an 80 x 80 one); ``'cells'``: every cell of every scale weighs the
+            same (VAR's mean over all tokens), so the finest grid dominates and the coarse ones
+            act as auxiliary losses. Scale weights multiply either.
     """
 
     registry_name = "PPXYZB"
@@ -126,7 +133,7 @@ class PPXYZBLoss:
                  channel_weights: str | Sequence[float] = "recommended", n_scales: int = 1,
                  scale_schedule: str = "warmup", start_scales: int = 1, stage_epochs: float = 5,
                  stage_warmup: float = 2, warmup_epochs: float = 20, forward_safety: bool = True,
-                 factors: Sequence[float] | None = None):
+                 factors: Sequence[float] | None = None, scale_balance: str = "cells"):
         # 1. terms
         self.pos_weight = _positive("pos_weight", pos_weight)
         # a super-resolved grid has factor**2 cells per input px and as many fewer emitter cells per
@@ -134,6 +141,9 @@ class PPXYZBLoss:
         # as on the 1x grid (the 1x grid and coarser ones keep DECODE's pos_weight)
         self.factors = None if factors is None else [float(f) for f in factors]
         self._pos_weights = [self.pos_weight * max(1.0, f * f) for f in (self.factors or [1.0] * n_scales)]
+        if scale_balance not in _SCALE_BALANCE:
+            raise ParamError(f"VAR.loss.scale_balance = {scale_balance!r} is unknown; use one of {list(_SCALE_BALANCE)}.")
+        self.scale_balance = scale_balance
         if xyz_loss not in _XYZ_LOSSES:
             raise ParamError(f"VAR.loss.xyz_loss = {xyz_loss!r} is unknown; choose one of {list(_XYZ_LOSSES)}.")
         self.xyz_loss = xyz_loss
@@ -165,7 +175,7 @@ class PPXYZBLoss:
         if scales:
             kwargs["factors"] = list(scales)
         for key in ("pos_weight", "xyz_loss", "smooth_l1_beta", "scale_schedule", "start_scales", "stage_epochs",
-                    "stage_warmup", "warmup_epochs"):
+                    "stage_warmup", "warmup_epochs", "scale_balance"):
             value = _get(section, key, None)
             if value is not None:
                 kwargs[key] = value
@@ -274,11 +284,12 @@ class PPXYZBLoss:
                              f"{self.active_scales} scale(s).")
         lengths = {k: outs[k][0, 0].numel() for k in computed}
         total = sum(lengths.values())
+        norm = {k: (lengths[k] if self.scale_balance == "mean" else max(lengths.values())) for k in computed}
         layout, pieces, start = [], [], 0
         for k in computed:
             w_k = self._scale_weights[k]
             loss = self.elementwise(outs[k], tars[k], wgts[k], k).flatten(2)
-            pieces.append(loss * (w_k * total / lengths[k]))
+            pieces.append(loss * (w_k * total / norm[k]))
             layout.append(ScaleSlice(k, _scale_name(k, outs[k]), start, lengths[k], w_k))
             start += lengths[k]
         self.last_layout = layout

@@ -125,7 +125,7 @@ def _scales(sizes=((2, 2), (4, 4), (8, 6)), n=2, seed=1):
 
 def test_multiscale_mean_is_weighted_sum_of_per_scale_means():
     outs, tars, wgts = _scales()
-    crit = PPXYZBLoss(n_scales=3, scale_schedule="warmup", warmup_epochs=20)
+    crit = PPXYZBLoss(n_scales=3, scale_schedule="warmup", warmup_epochs=20, scale_balance="mean")
     crit.set_epoch(5)
     w = crit.scale_weights
     assert len(set(w)) == 3  # distinct, so a wrong pairing of weight and scale would show
@@ -175,7 +175,7 @@ def test_inactive_scales_are_not_computed(monkeypatch):
 def test_newly_added_scale_gets_a_small_gradient():
     outs, tars, wgts = _scales()
     outs = [o.requires_grad_(True) for o in outs]
-    crit = PPXYZBLoss(n_scales=3, scale_schedule="var", stage_epochs=10, stage_warmup=5)
+    crit = PPXYZBLoss(n_scales=3, scale_schedule="var", stage_epochs=10, stage_warmup=5, scale_balance="mean")
     crit.set_epoch(10)  # scale 1 just added at 0.01
     crit(outs[:2], tars, wgts).mean().backward()
     ref = [o.detach().clone().requires_grad_(True) for o in outs[:2]]
@@ -503,3 +503,20 @@ def test_super_resolved_scales_weight_positives_by_cells_per_px():
         got = loss.elementwise(out[k], tar[k], wgt[k], k)[0, 0]
         assert got[0, 0] == pytest.approx(pw * math.log(2.0) * loss.channel_weights[0].item(), rel=1e-6)
         assert got[0, 1] == pytest.approx(math.log(2.0) * loss.channel_weights[0].item(), rel=1e-6)
+
+
+def test_scale_balance_cells_weighs_every_cell_alike():
+    """'mean': the total is the sum of per-scale means; 'cells': the sum of per-scale sums over the
+    finest grid's cell count (VAR's mean over all tokens, up to one constant)."""
+    g = torch.Generator().manual_seed(0)
+    out = [torch.randn(2, 6, s, s, generator=g) for s in (2, 4, 8)]
+    tar = [torch.rand(2, 6, s, s, generator=g) for s in (2, 4, 8)]
+    wgt = [torch.ones(2, 6, s, s) for s in (2, 4, 8)]
+    kw = dict(n_scales=3, scale_schedule="none", channel_weights=[1.0] * 6)
+    per = [PPXYZBLoss(scale_balance="mean", **kw).elementwise(o, t, w, k) for k, (o, t, w) in enumerate(zip(out, tar, wgt))]
+    mean = PPXYZBLoss(scale_balance="mean", **kw)(out, tar, wgt).mean()
+    cells = PPXYZBLoss(scale_balance="cells", **kw)(out, tar, wgt).mean()
+    assert mean.item() == pytest.approx(sum(p.mean().item() for p in per), rel=1e-5)
+    assert cells.item() == pytest.approx(sum(p.sum().item() for p in per) / (2 * 6 * 64), rel=1e-5)
+    with pytest.raises(ParamError, match="scale_balance"):
+        PPXYZBLoss(scale_balance="tokens", **kw)
