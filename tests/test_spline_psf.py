@@ -226,10 +226,10 @@ def test_builtin_spline_equals_decode_cubic_spline_psf(calib_file, roi_size, aut
         # Without auto-centring the 13 x 13 ROI reaches past the calibration's coefficient grid, where
         # SplinePSF's C code sets every derivative to 0, d/dbg included (it should be 1): DECODE then
         # counts less Fisher information for photons and background than the model holds (seen: phot
-        # 2.5 %, bg 20 % off). x and y, whose information comes from inside the grid, agree; z, coupled
-        # to photons and background in the Fisher matrix, to 1 % (seen: up to 0.4 %).
+        # 2.5 %, bg 20 %, z up to 4 % off). Zeroed rows of the Jacobian can only remove information, so
+        # DECODE's bounds are never below ours; x and y, whose information lies inside the grid, agree.
         assert torch.allclose(crlb_ours[:, :2], crlb_theirs.float()[:, :2], rtol=1e-3)
-        assert torch.allclose(crlb_ours[:, 2], crlb_theirs.float()[:, 2], rtol=1e-2)
+        assert (crlb_ours <= crlb_theirs.float() * (1 + 1e-4)).all()
 
 
 def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
