@@ -1,6 +1,6 @@
 """Fit simulated TIFF movies the way a user would; compare with a classical Gaussian MLE fitter.
 
-    python benchmarks/bench_movie.py --model EXP_DIR [--model NAME=EXP_DIR ...] [--frames 1000]
+    python benchmarks/bench_movie.py --model [NAME=]EXP_DIR [--model ...] [--code NAME=SRC] [--frames 1000]
                                      [--densities 2 6 15] [--backgrounds const per_frame smooth] [--out DIR]
 
 Movies are continuous (not windows): emitters blink across frames as DECODE's
@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -247,12 +249,21 @@ def score(param, em_out: EmitterSet, gt: EmitterSet, n_frames: int) -> dict:
     return {k: float(v) for k, v in m.items()}
 
 
-def fit_with_cli(exp_dir: Path, tif: Path, out: Path) -> tuple[EmitterSet, float]:
-    """``decode-var-fit`` on the movie, as a user runs it; returns the emitters and the wall time (s)."""
+def fit_with_cli(exp_dir: Path, tif: Path, out: Path, code: Optional[str] = None) -> tuple[EmitterSet, float]:
+    """``decode-var-fit`` on the movie, as a user runs it; returns the emitters and the wall time (s).
+
+    ``code``: a source tree whose ``decode_var`` runs the fit (the code the model was trained with)."""
+    exp_dir, tif, out = exp_dir.resolve(), tif.resolve(), out.resolve()
     cmd = [sys.executable, "-m", "decode_var.fit", "-p", str(exp_dir / "param_run.yaml"),
            "--model", str(exp_dir / "model.pt"), "--frames", str(tif), "--out", str(out), "--no-progress"]
+    env = dict(os.environ)
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                                          else []))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # run outside the repository: `python -m` puts the working directory first on sys.path, and a checkout's
+    # decode_var would shadow ``code``
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(out.parent))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return load_emitters(out), time.perf_counter() - t0
@@ -278,6 +289,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True,
                     help="experiment folder (param_run.yaml + model.pt), optionally NAME=FOLDER; repeatable")
+    ap.add_argument("--code", action="append", default=[], metavar="NAME=DIR",
+                    help="fit model NAME with the decode_var of source tree DIR (the code it was trained with, "
+                         "e.g. a `git archive` of that commit); default: the installed package")
     ap.add_argument("--frames", type=int, default=1000, help="frames per movie (default 1000)")
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--backgrounds", nargs="+", default=list(BG_KINDS), choices=BG_KINDS)
@@ -293,6 +307,7 @@ def main(argv=None) -> int:
         name, _, folder = spec.rpartition("=")
         folder = Path(folder)
         models.append((name or folder.name, folder))
+    code = dict(spec.split("=", 1) for spec in args.code)
     param = load_param(models[0][1] / "param_run.yaml")  # the movies follow the first model's physics
     results = {"frames": args.frames, "rows": [], "command": " ".join(sys.argv)}
     if not args.no_classical:
@@ -308,7 +323,7 @@ def main(argv=None) -> int:
             tifffile.imwrite(tif, frames)
             row = {"background": bg_kind, "density": density, "seed": seed, "n_gt": len(gt)}
             for name, folder in models:
-                em, wall = fit_with_cli(folder, tif, out / f"fit_{name}_{bg_kind}_{density:g}.h5")
+                em, wall = fit_with_cli(folder, tif, out / f"fit_{name}_{bg_kind}_{density:g}.h5", code.get(name))
                 row[name] = score(param, em, gt, args.frames)
                 row[name]["wall_s"] = wall
             if not args.no_classical:
