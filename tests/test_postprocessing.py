@@ -190,8 +190,14 @@ def _random_output(seed, n=4, size=(24, 20)):
 @pytest.mark.parametrize("cls_name", ["SpatialIntegration", "LookUpPostProcessing"])
 @pytest.mark.parametrize("seed,size", [(0, (24, 20)), (1, (24, 20)), (2, (48, 40)), (3, (12, 10))])
 def test_same_as_decode(cls_name, seed, size):
-    """1x grid as DECODE's pipeline; 2x / 0.5x grids as DECODE's Offset2Coordinate given that grid."""
+    """1x grid as DECODE's pipeline; 2x / 0.5x grids as DECODE's Offset2Coordinate given that grid.
+
+    Spatial integration on sub-pixel cells (the 2x grid, 48 x 40 cells) deliberately differs from
+    DECODE's rule (see ``SpatialIntegration``): that case is compared with the look-up only."""
     from decode.neuralfitter import coord_transform, post_processing
+
+    if cls_name == "SpatialIntegration" and size == (48, 40):
+        pytest.skip("SpatialIntegration on 0.5 px cells sums the 3x3 box around maxima, not DECODE's rule")
 
     ext = ((-0.5, 23.5), (-0.5, 19.5))  # input frame 24 x 20 px
     out = _random_output(seed, size=size)
