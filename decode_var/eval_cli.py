@@ -86,13 +86,21 @@ def evaluate_emitters(param, backend, em_out, gt) -> tuple[dict, tuple]:
     return {k: float(v) for k, v in metrics.items()}, (tp, fp, fn, tp_match)
 
 
+def background_at(bg_NHW: torch.Tensor, em) -> torch.Tensor:
+    """(E,) background (photons / px) of each emitter's frame at the pixel it lies in (px, pixel i
+    centred on i; x = first axis), for backgrounds that vary across the frame."""
+    H, W = bg_NHW.shape[-2:]
+    xy = em.xyz_px[:, :2].round().long()
+    return bg_NHW[em.frame_ix, xy[:, 0].clamp(0, H - 1), xy[:, 1].clamp(0, W - 1)].clone()
+
+
 def simulated_test_set(param, backend, n: Optional[int] = None):
     """The fixed test set (same seed as training's per-epoch test), with bg per emitter for the CRLB."""
     from .engine import derive_seed
 
     batch = backend.simulator(param).sample(n or param.TestSet.test_size, derive_seed(param.VAR.test_seed, 0))
     gt = batch.em
-    gt.bg = batch.bg_NHW[gt.frame_ix, 0, 0].clone() if len(gt) else torch.zeros(0)
+    gt.bg = background_at(batch.bg_NHW, gt) if len(gt) else torch.zeros(0)
     if param.HyperParameter.emitter_label_photon_min is not None and len(gt):
         gt = gt[gt.phot >= param.HyperParameter.emitter_label_photon_min]
     return batch.frames_NCHW, gt

@@ -155,3 +155,13 @@ def test_corrupt_model_file(trained, tmp_path, capsys):
     bad.write_bytes((trained / "model.pt").read_bytes()[:100])
     rc = eval_main(["-p", str(trained / "param_run.yaml"), "--model", str(bad), "--out", str(tmp_path / "e")])
     assert rc == 2 and "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_ground_truth_background_is_read_where_the_emitter_is():
+    from decode_var.emitters import EmitterSet
+    from decode_var.eval_cli import background_at
+
+    bg = torch.arange(2 * 4 * 5, dtype=torch.float32).view(2, 4, 5)  # varies across frames, rows, columns
+    em = EmitterSet(torch.tensor([[0.2, 3.4, 0.0], [2.6, -0.4, 10.0], [3.9, 4.7, 0.0]]), torch.ones(3),
+                    torch.tensor([1, 0, 1]))
+    assert background_at(bg, em).tolist() == [bg[1, 0, 3], bg[0, 3, 0], bg[1, 3, 4]]
