@@ -44,7 +44,9 @@ from .model_blocks import (FrameEncoder, RefineStage, ScaleTransformer, WindowLa
 from .scales import ScaleSchedule
 
 CONDITIONING = ("next_scale", "independent", "single")
-_EXTRA_STATE_FORMAT = 1
+#: Version of what a VARMultiScale checkpoint means. 2: conditioning offsets in cells of each scale
+#: (decode-var 0.2); a format-1 checkpoint loads without a shape error but predicts differently.
+_EXTRA_STATE_FORMAT = 2
 
 
 def _activation_class(name: Union[str, type]) -> type[nn.Module]:
@@ -443,6 +445,12 @@ class VARMultiScale(nn.Module):
             raise CheckpointError("the checkpoint's VARMultiScale configuration record is unreadable; "
                                   "the file is not a VARMultiScale state_dict of this version.")
         mine = self._config()
+        if state.get("format", 1) != mine["format"]:
+            raise CheckpointError(
+                f"checkpoint was written by an earlier decode-var (VARMultiScale format {state.get('format', 1)}, "
+                f"this version reads format {mine['format']}): the units of the coarse-to-fine conditioning "
+                "changed, so its weights would predict wrongly. Retrain the model with this version, or fit "
+                "with the decode-var version it was trained with.")
         for key in ("channels_in", "factors", "conditioning"):
             if key in state and state[key] != mine[key]:
                 raise CheckpointError(

@@ -509,3 +509,16 @@ def test_decode_post_processing_infer_and_load_save(tmp_path):
     em2 = Infer(loaded, ch_in=3, frame_proc=None, post_proc=post, device="cpu", batch_size=4).forward(stack)
     assert len(em2) == len(em)
     torch.testing.assert_close(em2.xyz, em.xyz)
+
+
+def test_a_checkpoint_of_an_earlier_model_format_is_refused_with_the_fix():
+    from decode_var.errors import CheckpointError
+    from decode_var.model import VARMultiScale
+    from decode_var.scales import ScaleSchedule
+
+    model = VARMultiScale(3, ScaleSchedule((16, 16), [0.25, 0.5, 1.0]), features=8, token_dim=16, depth=1, heads=2)
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("_extra_state"))
+    state[key] = {**state[key], "format": 1}
+    with pytest.raises(CheckpointError, match="earlier decode-var.*Retrain"):
+        model.load_state_dict(state)
