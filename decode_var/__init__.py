@@ -7,7 +7,7 @@ Public entry points:
   ``builtin`` otherwise).
 - :mod:`decode_var.registry`: models and losses by name; :func:`register_with_decode`.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 CHANNELS = ("p", "phot", "x", "y", "z", "bg")
 
