@@ -14,15 +14,17 @@ For each frame size (``--sizes``, default 64, 256 and 512 px), in one run:
 - ``peak RSS``: the subprocess's peak resident memory (``ru_maxrss``), the whole Python process
   with torch, the model and everything the fit holds;
 - with ``--baseline-src DIR`` (a checkout of an earlier decode-var, e.g. ``git worktree add
-  /tmp/base <commit>``), the same fit run with that code, its param hand-edited to the frame size
-  (that code cannot fit another size otherwise) and its default batch of 64: ``speedup`` is
-  fit frames/s / baseline frames/s, measured in the same run;
+  /tmp/base <commit>``), the same stack fitted with that code and its own untrained quickstart
+  model (or the same ``--model``'s architecture is not that version's), its param hand-edited to
+  the frame size (that code cannot fit another size otherwise) and its default batch of 64:
+  ``speedup`` is fit frames/s / baseline frames/s, measured in the same run;
 - with ``--compile``: the fit's model under ``torch.compile`` (``decode-var-fit --compile``), the
   seconds of its first batch (the compile) and the frames/s after it.
 
 The model is ``--model EXP`` (an experiment folder with ``param_run.yaml`` and ``model.pt``) or,
 by default, an untrained VARMultiScale built from the embedded quickstart param (same speed; an
-untrained model finds fewer emitters, so post-processing is a little cheaper). Stacks are
+untrained model finds fewer emitters, so post-processing is a little cheaper). The baseline
+always uses its own untrained quickstart model. Stacks are
 simulated with the package's simulator at the quickstart's density (6 emitters per 40 x 40 px),
 seeded. DECODE's ``Infer`` with SigmaMUNet is timed on the same frames when DECODE is importable
 (``n/a`` otherwise).
@@ -53,22 +55,32 @@ DEFAULT_FRAMES = {64: 512, 128: 256, 256: 96, 512: 32, 1024: 8}
 DENSITY_PER_PX = 6.0 / 1600.0
 
 
-def ensure_model(model: str | None, tmp: Path) -> Path:
-    """The experiment folder to fit with; builds an untrained quickstart model when none is given."""
+_BUILD = r"""
+import torch
+from importlib import resources
+from pathlib import Path
+from decode_var.checkpoint import save_model
+from decode_var.param import load_param, save_param
+from decode_var.registry import build_model
+exp = Path({exp!r})
+exp.mkdir(parents=True)
+with resources.as_file(resources.files("decode_var").joinpath("param/var_quickstart.yaml")) as f:
+    param = load_param(f)
+torch.manual_seed(0)
+save_model(exp / "model.pt", build_model(param))
+save_param(exp / "param_run.yaml", param)
+"""
+
+
+def ensure_model(model: str | None, exp: Path, src: Path = ROOT) -> Path:
+    """The experiment folder to fit with; without ``model``, an untrained quickstart model built by the
+    decode-var at ``src`` (its own architecture and param), in ``exp``."""
     if model:
         return Path(model)
-    from importlib import resources
-
-    from decode_var.checkpoint import save_model
-    from decode_var.registry import build_model
-
-    exp = tmp / "untrained"
-    exp.mkdir()
-    with resources.as_file(resources.files("decode_var").joinpath("param/var_quickstart.yaml")) as f:
-        param = load_param(f)
-    torch.manual_seed(0)
-    save_model(exp / "model.pt", build_model(param))
-    save_param(exp / "param_run.yaml", param)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(src)
+    subprocess.run([sys.executable, "-c", _BUILD.format(exp=str(exp))], check=True, env=env,
+                   cwd=tempfile.gettempdir())
     return exp
 
 
@@ -115,7 +127,8 @@ import json, resource, sys, time, torch
 torch.set_num_threads({threads})
 import decode_var.fit as F
 timings = {{}}
-if "timings" in F.localize_stack.__code__.co_varnames:  # profile the stages (this version has the hook)
+if "timings" in getattr(getattr(F, "localize_stack", None), "__code__", compile("", "", "exec")).co_varnames:
+    # profile the stages (this version has the hook)
     _orig = F.localize_stack
     F.localize_stack = lambda *a, **k: _orig(*a, timings=timings, **k)
 t0 = time.perf_counter()
@@ -173,13 +186,11 @@ def run_compiled(exp: Path, stack: Path, device: str, threads: int) -> dict:
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
-def baseline_param(exp: Path, size: int, tmp: Path, src: Path) -> Path:
-    """The hand edits an earlier version needed to fit ``size`` px frames (the issue's workaround);
-    keys that version does not know are dropped (it refuses unknown keys)."""
+def baseline_param(exp: Path, size: int, tmp: Path) -> Path:
+    """The hand edits an earlier version needed to fit ``size`` px frames (the issue's workaround)."""
     import yaml
 
     d = yaml.safe_load((exp / "param_run.yaml").read_text())
-    _keep_known(d, yaml.safe_load((src / "decode_var" / "reference.yaml").read_text()))
     ext = [[-0.5, size - 0.5], [-0.5, size - 0.5]]
     d["Simulation"]["img_size"] = [size, size]
     d["Simulation"]["psf_extent"] = ext + [None]
@@ -189,14 +200,6 @@ def baseline_param(exp: Path, size: int, tmp: Path, src: Path) -> Path:
     path = tmp / f"baseline_param_{size}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
-
-
-def _keep_known(d: dict, ref: dict) -> None:
-    for key in list(d):
-        if key not in ref:
-            del d[key]
-        elif isinstance(d[key], dict) and isinstance(ref[key], dict) and ref[key]:
-            _keep_known(d[key], ref[key])
 
 
 def decode_infer_speed(stack: Path, device: str) -> float | None:
@@ -236,7 +239,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        exp = ensure_model(args.model, tmp)
+        exp = ensure_model(args.model, tmp / "model")
+        base_exp = ensure_model(None, tmp / "base_model", Path(args.baseline_src)) if args.baseline_src else None
         param = load_param(exp / "param_run.yaml")
         for i, size in enumerate(args.sizes):
             n = args.frames[i] if args.frames else DEFAULT_FRAMES.get(size, 16)
@@ -253,8 +257,8 @@ def main(argv=None) -> int:
                    "peak_rss_mib": fit_row["peak_rss_mib"], "n_emitters": fit_row["n_emitters"],
                    "stages_s": fit_row.get("stages", {})}
             if args.baseline_src:
-                base = run_fit(exp, stack, tmp / f"base_{size}.h5", args.device, args.threads,
-                               src=Path(args.baseline_src), param=baseline_param(exp, size, tmp, Path(args.baseline_src)), batch=64)
+                base = run_fit(base_exp, stack, tmp / f"base_{size}.h5", args.device, args.threads,
+                               src=Path(args.baseline_src), param=baseline_param(base_exp, size, tmp), batch=64)
                 row.update(baseline_fps=n / base["seconds"], speedup=row["fit_fps"] * base["seconds"] / n,
                            baseline_peak_rss_mib=base["peak_rss_mib"], baseline_n_emitters=base["n_emitters"])
             if args.compile:
