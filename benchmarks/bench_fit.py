@@ -11,7 +11,7 @@ For each frame size (``--sizes``, default 64, 256 and 512 px), in one run:
 - where the fit's time goes: waiting for the reading thread, guards and unit conversion, window
   assembly, the model, post-processing (``localize_stack``'s ``timings``), the rest being start-up,
   the model load and writing the file;
-- ``peak RSS``: the subprocess's peak resident memory (``ru_maxrss``), the whole Python process
+- ``peak RSS``: the subprocess's peak resident memory (Linux ``VmHWM``), the whole Python process
   with torch, the model and everything the fit holds;
 - with ``--baseline-src DIR`` (a checkout of an earlier decode-var, e.g. ``git worktree add
   /tmp/base <commit>``), the same stack fitted with that code and its own untrained quickstart
@@ -85,15 +85,18 @@ def ensure_model(model: str | None, exp: Path, src: Path = ROOT) -> Path:
 
 
 def simulate_stack(param, size: int, n: int, path: Path, seed: int = 0) -> None:
-    """A TIFF of ``n`` frames of ``size`` x ``size`` px in ADU (uint16), simulated at the quickstart density."""
+    """A TIFF of ``n`` frames of ``size`` x ``size`` px in ADU (uint16), simulated at the quickstart density
+    (frames above 128 px are 128 px frames tiled: the simulator renders every emitter on the whole frame)."""
     from decode_var.param import param_from_dict
     from decode_var.simulation import Simulator
 
+    reps = max(1, -(-size // 128))
+    tile = -(-size // reps)
     d = param.to_dict()
-    ext = [[-0.5, size - 0.5], [-0.5, size - 0.5]]
-    d["Simulation"].update(img_size=[size, size], psf_extent=ext + [None],
+    ext = [[-0.5, tile - 0.5], [-0.5, tile - 0.5]]
+    d["Simulation"].update(img_size=[tile, tile], psf_extent=ext + [None],
                            emitter_extent=ext + [list(d["Simulation"]["emitter_extent"][2])],
-                           emitter_av=DENSITY_PER_PX * size * size)
+                           emitter_av=DENSITY_PER_PX * tile * tile)
     d["Camera"]["convert2photons"] = False  # the simulator then returns ADU
     sim = Simulator.parse(param_from_dict(d))
     frames = []
@@ -101,8 +104,8 @@ def simulate_stack(param, size: int, n: int, path: Path, seed: int = 0) -> None:
         frames.append(sim.sample(min(8, n - i), seed=seed + i).frames_NCHW[:, sim.frame_window // 2])
     import tifffile
 
-    tifffile.imwrite(path, torch.cat(frames).clamp(0, 65535).round().numpy().astype(np.uint16),
-                     photometric="minisblack")
+    frames_THW = torch.cat(frames).repeat(1, reps, reps)[:, :size, :size]
+    tifffile.imwrite(path, frames_THW.clamp(0, 65535).round().numpy().astype(np.uint16), photometric="minisblack")
 
 
 def model_speed(exp: Path, size: int, batch: int, n: int, device: str) -> float:
@@ -134,7 +137,10 @@ if "timings" in getattr(getattr(F, "localize_stack", None), "__code__", compile(
 t0 = time.perf_counter()
 em = F.fit({param!r}, {model!r}, {frames!r}, {out!r}, {batch!r}, device={device!r}, progress=False)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+try:  # the high-water mark of this process's own memory (ru_maxrss would include the parent's at fork)
+    peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024.0
+except (OSError, IndexError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 print(json.dumps({{"seconds": dt, "n_emitters": len(em), "peak_rss_mib": peak, "stages": timings}}))
 """
 
