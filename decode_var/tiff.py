@@ -204,19 +204,10 @@ def window_batches(stack, batch_size: int, frame_window: int = 3, start: int = 0
         frame ``clamp(frame_ix[b] + c - frame_window // 2, 0, T - 1)``: the ends repeat the first / last
         frame, as DECODE's InferenceDataset.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if frame_window < 1 or frame_window % 2 != 1:
-        raise ValueError(f"frame_window must be an odd number >= 1, got {frame_window}.")
     n = len(stack)
-    start, stop, _ = slice(start, stop).indices(n)
-    half = (frame_window - 1) // 2
-    for b0 in range(start, stop, batch_size):
-        b1 = min(b0 + batch_size, stop)
+    for b0, b1, lo, frames_THW in read_blocks(stack, batch_size, frame_window, start, stop):
         centre = torch.arange(b0, b1)
-        ix = window_indices(centre, n, frame_window)
-        lo, hi = max(0, b0 - half), min(n, b1 + half)
-        yield centre, _read(stack, lo, hi)[ix - lo].contiguous()
+        yield centre, frames_THW[window_indices(centre, n, frame_window) - lo].contiguous()
 
 
 def read_blocks(stack, batch_size: int, frame_window: int = 3, start: int = 0,
