@@ -170,8 +170,8 @@ def test_a_large_frame_equals_its_training_size_tiles_away_from_the_tile_borders
     d = torch.arange(3 * TRAIN) % TRAIN
     d = torch.minimum(d, TRAIN - 1 - d)
     interior = torch.minimum(d[:, None], d[None, :]) >= 8
-    p_max = float(full[:, 0][:, interior].max())
-    assert float((tiled[:, 0] - full[:, 0]).abs()[:, interior].max()) < 0.05 * p_max
+    # p decides a detection at raw_th (0.5 in the quickstart): 0.01 leaves every decision as it is
+    assert float((tiled[:, 0] - full[:, 0]).abs()[:, interior].max()) < 0.01
     # offsets where the model sees something: the top 2 % of p in the interior
     p_in = full[:, 0][:, interior]
     seen = (full[:, 0] >= p_in.quantile(0.98)) & interior
