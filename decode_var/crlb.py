@@ -40,6 +40,21 @@ def _axis_terms(edges_ER1: torch.Tensor, pos_E: torch.Tensor, sig_E: torch.Tenso
     return p, dp_dpos, dp_dsig
 
 
+def photons_and_background(phot, bg, n: int, who: str):
+    """(E,) float64 photons and background (photons / px; a scalar bg is broadcast) for ``n`` emitters.
+
+    Raises:
+        ShapeError: naming ``who`` when the counts differ from the positions'.
+    """
+    phot = torch.as_tensor(phot, dtype=torch.float64).reshape(-1)
+    bg = torch.as_tensor(bg, dtype=torch.float64).reshape(-1)
+    if bg.numel() == 1:
+        bg = bg.expand(n)
+    if phot.numel() != n or bg.numel() != n:
+        raise ShapeError(f"{who}: {n} positions but {phot.numel()} photon and {bg.numel()} bg values.")
+    return phot, bg
+
+
 def gaussian_crlb(xyz_px, phot, bg, *, sigma_0: float, foc_shift: float = 250.0, rl_range: float = 280.0,
                   roi_size: int = 25, em_gain: bool = False, mode_3d: bool = True,
                   chunk: int = 4096) -> torch.Tensor:
@@ -69,12 +84,7 @@ def gaussian_crlb(xyz_px, phot, bg, *, sigma_0: float, foc_shift: float = 250.0,
     if xyz.size(1) == 2:
         xyz = torch.cat([xyz, torch.zeros_like(xyz[:, :1])], 1)
     n = xyz.size(0)
-    phot = torch.as_tensor(phot, dtype=torch.float64).reshape(-1)
-    bg = torch.as_tensor(bg, dtype=torch.float64).reshape(-1)
-    if bg.numel() == 1:
-        bg = bg.expand(n)
-    if phot.numel() != n or bg.numel() != n:
-        raise ShapeError(f"gaussian_crlb: {n} positions but {phot.numel()} photon and {bg.numel()} bg values.")
+    phot, bg = photons_and_background(phot, bg, n, "gaussian_crlb")
     if n == 0:
         return torch.zeros(0, 5)
 

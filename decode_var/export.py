@@ -143,16 +143,21 @@ def _is_3d(em: EmitterSet) -> bool:
     return bool(len(em)) and bool((em.xyz[:, 2] != 0).any())
 
 
+def _columns(em: EmitterSet, px_size_nm, width_px, three_d):
+    """What every export reads: px size (nm), DECODE positions (px, px, nm), PSF widths (px), localization
+    precisions (px, px, nm) and whether the set is 3D."""
+    size = _px_size(em, px_size_nm)
+    n = len(em)
+    width = np.ones((n, 2)) if width_px is None else np.broadcast_to(np.asarray(width_px, np.float64), (n, 2))
+    return size, _xyz_px(em, size), width, _precision_px(em, size, width), (_is_3d(em) if three_d is None else three_d)
+
+
 # Picasso ------------------------------------------------------------------------------------------
 def picasso_table(em: EmitterSet, px_size_nm, width_px: Optional[np.ndarray] = None,
                   three_d: Optional[bool] = None) -> np.ndarray:
     """Picasso's localization table (numpy structured array, sorted by frame) for ``em``."""
-    size = _px_size(em, px_size_nm)
-    xyz = _xyz_px(em, size)
+    size, xyz, width, prec, three_d = _columns(em, px_size_nm, width_px, three_d)
     n = len(em)
-    width = np.ones((n, 2)) if width_px is None else np.broadcast_to(np.asarray(width_px, np.float64), (n, 2))
-    prec = _precision_px(em, size, width)
-    three_d = _is_3d(em) if three_d is None else three_d
     with_lpz = three_d and bool(np.isfinite(prec[:, 2]).all())  # optional in Picasso: left out when unknown
     fields = [("frame", "u4"), ("x", "f4"), ("y", "f4"), ("photons", "f4"), ("sx", "f4"), ("sy", "f4"), ("bg", "f4"),
               ("lpx", "f4"), ("lpy", "f4")] + ([("z", "f4")] if three_d else []) + ([("lpz", "f4")] if with_lpz else [])
@@ -216,12 +221,8 @@ def save_picasso(path: Union[str, pathlib.Path], em: EmitterSet, frame_shape: Se
 def thunderstorm_table(em: EmitterSet, px_size_nm=None, width_px: Optional[np.ndarray] = None,
                        three_d: Optional[bool] = None) -> tuple[tuple, np.ndarray]:
     """(column names, (E, C) float64 values) of ThunderSTORM's CSV for ``em``."""
-    size = _px_size(em, px_size_nm)
-    xyz = _xyz_px(em, size)
+    size, xyz, width, prec, three_d = _columns(em, px_size_nm, width_px, three_d)
     n = len(em)
-    width = np.ones((n, 2)) if width_px is None else np.broadcast_to(np.asarray(width_px, np.float64), (n, 2))
-    prec = _precision_px(em, size, width)
-    three_d = _is_3d(em) if three_d is None else three_d
     x_nm, y_nm = decode_to_thunderstorm_nm(xyz[:, :2], size)
     bg = np.full(n, np.nan) if em.bg is None else em.bg.double().numpy()
     cols = {"id": em.id.numpy(), "frame": em.frame_ix.numpy() + 1, "x [nm]": x_nm, "y [nm]": y_nm,

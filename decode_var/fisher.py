@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .crlb import photons_and_background
 from .errors import ShapeError
 
 __all__ = ["crlb_from_model", "jacobian_columns"]
@@ -64,12 +65,7 @@ def crlb_from_model(model: Callable, xyz_px, phot, bg, em_gain: bool = False, ch
     if xyz.dim() != 2 or xyz.size(1) != 3:
         raise ShapeError(f"crlb_from_model expects xyz_px of shape (E, 3), got {tuple(xyz.shape)}.")
     n = xyz.size(0)
-    phot = torch.as_tensor(phot, dtype=torch.float64).reshape(-1)
-    bg = torch.as_tensor(bg, dtype=torch.float64).reshape(-1)
-    if bg.numel() == 1:
-        bg = bg.expand(n)
-    if phot.numel() != n or bg.numel() != n:
-        raise ShapeError(f"crlb_from_model: {n} positions but {phot.numel()} photon and {bg.numel()} bg values.")
+    phot, bg = photons_and_background(phot, bg, n, "crlb_from_model")
     out = []
     for s in range(0, n, chunk):
         theta_E5 = torch.cat([xyz[s:s + chunk], phot[s:s + chunk, None], bg[s:s + chunk, None]], 1)
