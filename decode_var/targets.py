@@ -35,6 +35,20 @@ def frame_grid(img_shape, xextent, yextent):
     return bin_x, bin_y, ctr_x, ctr_y
 
 
+def last_write_wins(flat_index: torch.Tensor) -> torch.Tensor:
+    """Mask keeping, for each repeated value of ``flat_index``, only its last occurrence.
+
+    Writing ``t[idx] = v`` with repeated indices leaves a winner that depends on thread scheduling;
+    writing only the masked entries gives the sequential result (the last one) on every run.
+    """
+    if flat_index.numel() == 0:
+        return torch.ones(0, dtype=torch.bool)
+    order = torch.arange(flat_index.numel())
+    _, inverse = torch.unique(flat_index, return_inverse=True)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=order.dtype).scatter_reduce_(0, inverse, order, "amax")
+    return last[inverse] == order
+
+
 class UnifiedEmbeddingTarget:
     """DECODE's UnifiedEmbeddingTarget: (N, 5, sx, sy) ``[p, phot, x, y, z]`` (+ bg when given).
 
@@ -97,6 +111,10 @@ class UnifiedEmbeddingTarget:
         xyz = em.xyz_px
         x_ix, y_ix = self.bin_index(xyz)
         fr, xr, yr, e = self.roi_cells(em.frame_ix, x_ix, y_ix)
+        # cells that several ROIs cover get the values of the last emitter, as a sequential write gives
+        # them; an index_put with repeated indices picks a thread-dependent winner on large batches
+        last = last_write_wins((fr * self.img_shape[0] + xr) * self.img_shape[1] + yr)
+        fr, xr, yr, e = fr[last], xr[last], yr[last], e[last]
         target_N5HW = torch.zeros(n_frames, 5, *self.img_shape)
         target_N5HW[em.frame_ix, 0, x_ix, y_ix] = 1.0
         target_N5HW[fr, 1, xr, yr] = em.phot[e]

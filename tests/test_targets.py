@@ -177,3 +177,34 @@ def test_multiscale_targets_backends_agree_on_simulated_batch():
     out = [MultiScaleTargets.parse(p, b)(batch.em, batch.bg_NHW, 8) for b in (Backend(), get_backend("decode"))]
     for a, b in zip(out[0][0] + out[0][1], out[1][0] + out[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_shared_cells_hold_the_last_emitter_on_every_thread_count():
+    """Cells that several ROIs cover hold the last emitter's values (the sequential result), whatever the
+    number of threads: a large batch of emitters crowded on a coarse grid, written twice with 1 and 2 threads."""
+    g = torch.Generator().manual_seed(3)
+    n_frames, per_frame = 256, 30
+    xyz = torch.rand(n_frames * per_frame, 3, generator=g) * torch.tensor([40.0, 40.0, 0.0]) - 0.5
+    phot = torch.arange(n_frames * per_frame, dtype=torch.float32) + 1.0  # distinct: the winner is visible
+    frames = torch.arange(n_frames).repeat_interleave(per_frame)
+    em = EmitterSet(xyz, phot, frames)
+    tg = UnifiedEmbeddingTarget(EXT, EXT, (10, 10), roi_size=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tg.forward(em, None, 0, n_frames - 1)
+        torch.set_num_threads(2)
+        two = tg.forward(em, None, 0, n_frames - 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    # sequential reference: every emitter's ROI written in order, later emitters overwrite
+    ref = torch.zeros(n_frames, 10, 10)
+    x_ix, y_ix = tg.bin_index(em.xyz_px)
+    for i in range(len(em)):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                cx, cy = int(x_ix[i]) + dx, int(y_ix[i]) + dy
+                if 0 <= cx < 10 and 0 <= cy < 10:
+                    ref[int(frames[i]), cx, cy] = phot[i]
+    assert torch.equal(one[:, 1], ref)
