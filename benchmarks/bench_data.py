@@ -15,8 +15,8 @@ import time
 import torch
 
 from decode_var.backend import decode_available, get_backend
-from decode_var.param import param_from_dict
-from decode_var.targets import MultiScaleTargets
+from decode_var.config.param import param_from_dict
+from decode_var.data.targets import MultiScaleTargets
 
 SCALES = [0.25, 0.5, 1.0, 2.0]
 

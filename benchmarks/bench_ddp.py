@@ -51,9 +51,9 @@ def worker(args) -> None:
     import torch
     import yaml
 
-    from decode_var import distributed
-    from decode_var.engine import Trainer
-    from decode_var.param import load_param
+    from decode_var.training import distributed
+    from decode_var.training.trainer import Trainer
+    from decode_var.config.param import load_param
 
     ctx, device = None, args.device
     if distributed.launched_distributed():

@@ -49,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode_var.param import load_param, save_param  # noqa: E402
+from decode_var.config.param import load_param, save_param  # noqa: E402
 
 DEFAULT_FRAMES = {64: 512, 128: 256, 256: 96, 512: 32, 1024: 8}
 DENSITY_PER_PX = 6.0 / 1600.0
@@ -59,8 +59,8 @@ _BUILD = r"""
 import torch
 from importlib import resources
 from pathlib import Path
-from decode_var.checkpoint import save_model
-from decode_var.param import load_param, save_param
+from decode_var.training.checkpoint import save_model
+from decode_var.config.param import load_param, save_param
 from decode_var.registry import build_model
 exp = Path({exp!r})
 exp.mkdir(parents=True)
@@ -87,8 +87,8 @@ def ensure_model(model: str | None, exp: Path, src: Path = ROOT) -> Path:
 def simulate_stack(param, size: int, n: int, path: Path, seed: int = 0) -> None:
     """A TIFF of ``n`` frames of ``size`` x ``size`` px in ADU (uint16), simulated at the quickstart density
     (frames above 128 px are 128 px frames tiled: the simulator renders every emitter on the whole frame)."""
-    from decode_var.param import param_from_dict
-    from decode_var.simulation import Simulator
+    from decode_var.config.param import param_from_dict
+    from decode_var.data.simulation import Simulator
 
     reps = max(1, -(-size // 128))
     tile = -(-size // reps)
@@ -110,7 +110,7 @@ def simulate_stack(param, size: int, n: int, path: Path, seed: int = 0) -> None:
 
 def model_speed(exp: Path, size: int, batch: int, n: int, device: str) -> float:
     """Frames/s of the network alone on ``n`` windows of ``size`` px (network units, in memory)."""
-    from decode_var.inference import Predictor
+    from decode_var.inference.predictor import Predictor
 
     pred = Predictor(load_param(exp / "param_run.yaml"), exp / "model.pt", device)
     g = torch.Generator().manual_seed(0)
@@ -164,9 +164,9 @@ _COMPILED = r"""
 import json, sys, time, torch
 torch.set_num_threads({threads})
 from decode_var.fit import localize_stack, resolve_batch_size
-from decode_var.inference import Predictor
-from decode_var.param import load_param
-from decode_var.tiff import TiffStack
+from decode_var.inference.predictor import Predictor
+from decode_var.config.param import load_param
+from decode_var.data.tiff import TiffStack
 stack = TiffStack({frames!r})
 pred = Predictor(load_param({param!r}), {model!r}, {device!r})
 bs = resolve_batch_size(pred, stack.shape[1:], len(stack))
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
             simulate_stack(param, size, n, stack, seed=size)
             fit_row = run_fit(exp, stack, tmp / f"fit_{size}.h5", args.device, args.threads)
             from decode_var.fit import resolve_batch_size
-            from decode_var.inference import Predictor
+            from decode_var.inference.predictor import Predictor
 
             batch = resolve_batch_size(Predictor(param, exp / "model.pt", args.device), (size, size), n)
             model_fps = model_speed(exp, size, batch, n, args.device)

@@ -38,7 +38,7 @@ QUICKSTART = HERE.parent / "decode_var" / "param" / "var_quickstart.yaml"
 
 def agreement(param) -> dict:
     """Same weights, same batch, CPU vs CUDA in float32, then CUDA under bf16 autocast."""
-    from decode_var.engine import Trainer, _slice, _to_device
+    from decode_var.training.trainer import Trainer, _slice, _to_device
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -78,7 +78,7 @@ def agreement(param) -> dict:
 
 
 def speed(param, device: str, epochs: int) -> dict:
-    from decode_var.engine import Trainer
+    from decode_var.training.trainer import Trainer
 
     tr = Trainer(param, None, device=device, log=False, progress=False)
     tr.train_epoch()  # warm-up (cuDNN autotuning, allocator)
@@ -95,8 +95,8 @@ def speed(param, device: str, epochs: int) -> dict:
 
 def end_to_end(epochs: int, out: Path, device: str = "cuda") -> dict:
     from decode_var.eval_cli import run as run_eval
-    from decode_var.inference import Predictor
-    from decode_var.param import load_param
+    from decode_var.inference.predictor import Predictor
+    from decode_var.config.param import load_param
     from decode_var.train import train
 
     trainer = train(QUICKSTART, device=device, no_log=True, progress=False,
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device here; run it on a machine with a GPU.", file=sys.stderr)
         return 2
-    from decode_var.param import load_param
+    from decode_var.config.param import load_param
 
     param = load_param(QUICKSTART)
     torch.manual_seed(0)

@@ -43,8 +43,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from decode_var.model import VARMultiScale  # noqa: E402
-from decode_var.scales import ScaleSchedule  # noqa: E402
+from decode_var.nn.model import VARMultiScale  # noqa: E402
+from decode_var.core.scales import ScaleSchedule  # noqa: E402
 
 CHANNELS_IN = 3
 THREADS = 2
@@ -224,8 +224,8 @@ def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher
     import tempfile
     from pathlib import Path
 
-    from decode_var.engine import Trainer
-    from decode_var.param import load_param
+    from decode_var.training.trainer import Trainer
+    from decode_var.config.param import load_param
 
     torch.set_num_threads(threads)
     variants = {"default": {}, "single-scale ablation": {"VAR": {"model": {"conditioning": "single"}}}}
@@ -325,7 +325,7 @@ def main(argv=None):
     ap.add_argument("--factors", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true", help="skip the per-model memory subprocesses")
-    ap.add_argument("--full-step", metavar="PARAM", nargs="?", const="decode_var/param/var_quickstart.yaml",
+    ap.add_argument("--full-step", metavar="PARAM", nargs="?", const="decode_var/config/var_quickstart.yaml",
                     help="only the whole training step of PARAM (default: the quickstart) against its "
                          "single-scale ablation, as a ratio")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for --full-step")

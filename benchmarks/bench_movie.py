@@ -6,7 +6,7 @@
 Movies are continuous (not windows): emitters blink across frames as DECODE's
 ``EmitterSamplerBlinking`` draws them (uniform start times, exponential on-times of
 ``Simulation.lifetime_avg`` frames, about ``density`` emitters on per frame), rendered with the
-package's PSF and camera (``decode_var.simulation``) from the model's own ``param_run.yaml``, and written
+package's PSF and camera (``decode_var.data.simulation``) from the model's own ``param_run.yaml``, and written
 as uint16 ADU TIFFs. Backgrounds, photons / px:
 
 - ``const``: spatially flat, one level per stretch of 100 frames, drawn from ``Simulation.bg_uniform``;
@@ -44,11 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decode_var.emitter_io import load_emitters
-from decode_var.emitters import EmitterSet
-from decode_var.evaluation import GreedyHungarianMatching, evaluate, precision_recall_jaccard
-from decode_var.param import load_param
-from decode_var.simulation import Camera, Simulator, astigmatism, perlin_NHW
+from decode_var.data.emitter_io import load_emitters
+from decode_var.core.emitters import EmitterSet
+from decode_var.evaluation.matching import GreedyHungarianMatching, evaluate, precision_recall_jaccard
+from decode_var.config.param import load_param
+from decode_var.data.simulation import Camera, Simulator, astigmatism, perlin_NHW
 
 BG_KINDS = ("const", "per_frame", "smooth")
 DENSITIES = (2.0, 6.0, 15.0)

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from decode_var.backend import decode_available
-from decode_var.param import param_from_dict
+from decode_var.config.param import param_from_dict
 
 HERE = Path(__file__).resolve().parent
 F1, F2 = [0.25, 0.5, 1.0], [0.25, 0.5, 1.0, 2.0]
@@ -130,7 +130,7 @@ def build_param(name: str, density: float, seed: int = 0, threads: int = 1, test
 def train_for(param, workdir: Path, samples: int | None, minutes: float | None, evals: int):
     """Train until ``samples`` training samples (or ``minutes`` of training-step time); evaluate
     ``evals`` times along the way (evaluation time is not counted)."""
-    from decode_var.engine import Trainer
+    from decode_var.training.trainer import Trainer
 
     trainer = Trainer(param, workdir, progress=False, log=False)
     per_epoch = max(param.HyperParameter.pseudo_ds_size // param.HyperParameter.batch_size, 1) \

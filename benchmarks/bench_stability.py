@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from decode_var.loss import AdaptivePPXYZBLoss  # noqa: E402
+from decode_var.nn.loss import AdaptivePPXYZBLoss  # noqa: E402
 
 FRAME = 16
 BATCH = 8

@@ -15,10 +15,10 @@ import numpy as np
 import tifffile
 import torch
 
-from decode_var.emitter_io import save_emitters
-from decode_var.emitters import EmitterSet
-from decode_var.param import load_param, param_from_dict
-from decode_var.simulation import Simulator
+from decode_var.data.emitter_io import save_emitters
+from decode_var.core.emitters import EmitterSet
+from decode_var.config.param import load_param, param_from_dict
+from decode_var.data.simulation import Simulator
 
 
 def main(argv=None) -> int:

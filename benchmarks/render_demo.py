@@ -6,7 +6,7 @@
 Simulates a movie with the package's simulator parts for the param's PSF and camera (``Simulator.parse``:
 PSF, camera noise, ADU), blinking emitters drawn on three tilted rings and two lines (z from -500 to 500 nm),
 writes it as a uint16 TIFF, fits it with ``decode-var-fit`` and renders the localizations with
-``decode_var.render`` (Gaussian, 10 nm px). Without ``--model`` the ground-truth localizations are rendered
+``decode_var.inference.render`` (Gaussian, 10 nm px). Without ``--model`` the ground-truth localizations are rendered
 instead; the title of the image and the printed summary say which it is. Every random draw comes from
 ``--seed``.
 """
@@ -52,8 +52,8 @@ def simulate(param, n_frames: int, per_frame: float, seed: int):
     Emitters blink as in training (``Simulator``): each is switched on at a uniform time for an exponential
     time of mean ``Simulation.lifetime_avg`` frames and gives each frame ``flux * (time on in that frame)``.
     """
-    from decode_var.emitters import EmitterSet
-    from decode_var.simulation import Camera, Simulator
+    from decode_var.core.emitters import EmitterSet
+    from decode_var.data.simulation import Camera, Simulator
 
     gen = torch.Generator().manual_seed(seed)
     h, w = (int(v) for v in param.Simulation.img_size)
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tifffile
 
-    from decode_var.param import load_param
-    from decode_var.render import render, save_render
+    from decode_var.config.param import load_param
+    from decode_var.inference.render import render, save_render
 
     param_file = args.param or str(ROOT / "decode_var" / "param" / "var_quickstart.yaml")
     param = load_param(param_file)
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "decode_var.fit", "-p", param_file, "--model", args.model, "--frames", str(tif),
                    "--out", str(out), "--no-progress"]
             subprocess.run(cmd, check=True)
-            from decode_var.emitter_io import load_emitters
+            from decode_var.data.emitter_io import load_emitters
 
             em = load_emitters(out)
             what = f"fitted ({Path(args.model).parent.name}/{Path(args.model).name}): {len(em)} localizations"

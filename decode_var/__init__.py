@@ -2,7 +2,7 @@
 
 Public entry points:
 
-- :func:`decode_var.param.load_param`: DECODE-format param files with the plugin's ``VAR:`` section.
+- :func:`decode_var.config.param.load_param`: DECODE-format param files with the plugin's ``VAR:`` section.
 - :mod:`decode_var.backend`: the one seam to DECODE (``decode`` when real DECODE 0.10 is importable,
   ``builtin`` otherwise).
 - :mod:`decode_var.registry`: models and losses by name; :func:`register_with_decode`.
@@ -14,6 +14,6 @@ CHANNELS = ("p", "phot", "x", "y", "z", "bg")
 
 def register_with_decode():
     """Add decode-var's models and losses to DECODE's namespaces (see :mod:`decode_var.registry`)."""
-    from .registry import register_with_decode as _register
+    from decode_var.registry import register_with_decode as _register
 
     return _register()

@@ -32,13 +32,13 @@ def parse_args(argv=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .errors import DecodeVarError
-    from .spline_psf import gaussian_pixel_model, make_calibration, save_calibration
+    from decode_var.core.errors import DecodeVarError
+    from decode_var.data.spline_psf import gaussian_pixel_model, make_calibration, save_calibration
 
     args = parse_args(argv)
     try:
         if args.param_file:
-            from .param import load_param
+            from decode_var.config.param import load_param
 
             g = load_param(args.param_file).VAR.gaussian_psf
             sigma_0, foc_shift, rl_range, mode_3d = g.sigma_0, g.foc_shift, g.rl_range, g.mode_3d

@@ -19,11 +19,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import DecodeVarError, InputDataError
+from decode_var.core.errors import DecodeVarError, InputDataError
 
 
 def parse_args(argv=None):
-    from .inference import add_model_arguments
+    from decode_var.inference.predictor import add_model_arguments
 
     p = argparse.ArgumentParser(prog="decode-var-eval", description="Evaluate a trained model.")
     add_model_arguments(p, frames_help="TIFF stack to evaluate on (default: simulate the test set)")
@@ -39,12 +39,12 @@ def crlb_of(param, gt_matched) -> Optional[torch.Tensor]:
     if len(gt_matched) == 0 or gt_matched.bg is None:
         return None
     if param.VAR.psf == "spline":  # autograd Fisher information of the calibration's ROI
-        from .spline_psf import SplinePSF
+        from decode_var.data.spline_psf import SplinePSF
 
         var = SplinePSF.parse(param).crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg,
                                           em_gain=param.Camera.em_gain is not None)
     else:
-        from .crlb import gaussian_crlb
+        from decode_var.data.crlb import gaussian_crlb
 
         g = param.VAR.gaussian_psf
         var = gaussian_crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg, sigma_0=g.sigma_0,
@@ -96,7 +96,7 @@ def background_at(bg_NHW: torch.Tensor, em) -> torch.Tensor:
 
 def simulated_test_set(param, backend, n: Optional[int] = None):
     """The fixed test set (same seed as training's per-epoch test), with bg per emitter for the CRLB."""
-    from .engine import derive_seed
+    from decode_var.training.trainer import derive_seed
 
     batch = backend.simulator(param).sample(n or param.TestSet.test_size, derive_seed(param.VAR.test_seed, 0))
     gt = batch.em
@@ -108,10 +108,10 @@ def simulated_test_set(param, backend, n: Optional[int] = None):
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
         report=True, batch_size="auto", max_memory=None, compile=False) -> dict:
-    from .atomic import atomic_write_text
-    from .emitter_io import save_emitters
-    from .inference import Predictor, resolve_model_path
-    from .param import load_param
+    from decode_var.core.atomic import atomic_write_text
+    from decode_var.data.emitter_io import save_emitters
+    from decode_var.inference.predictor import Predictor, resolve_model_path
+    from decode_var.config.param import load_param
 
     param = load_param(param_file)
     pred = Predictor(param, resolve_model_path(model), device, trusted)
@@ -124,9 +124,9 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         frame_image = lambda f: frames_NCHW[f, centre].cpu().numpy()  # noqa: E731
         image_unit = "photons"
     else:
-        from .emitters import EmitterSet
-        from .fit import check_stack_dtype, localize_stack, resolve_batch_size
-        from .tiff import TiffStack
+        from decode_var.core.emitters import EmitterSet
+        from decode_var.fit import check_stack_dtype, localize_stack, resolve_batch_size
+        from decode_var.data.tiff import TiffStack
 
         stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
         check_stack_dtype(stack.dtype, frames)
@@ -146,7 +146,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
             gt.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
         metrics, matched = evaluate_emitters(param, pred.backend, em_out, gt)
         if report:
-            from .plots import plot_eval_report
+            from decode_var.evaluation.plots import plot_eval_report
 
             plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
                              frame_image=frame_image, image_unit=image_unit)

@@ -29,11 +29,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import DecodeVarError, InputDataError
+from decode_var.core.errors import DecodeVarError, InputDataError
 
 
 def parse_args(argv=None):
-    from .inference import add_model_arguments
+    from decode_var.inference.predictor import add_model_arguments
 
     p = argparse.ArgumentParser(prog="decode-var-fit", description="Fit emitters in a TIFF stack.")
     add_model_arguments(p, frames_help=None)
@@ -112,17 +112,17 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
 
     The frame size is taken from the stack (any size, square or not; the param is not edited).
     ``batch_size='auto'`` picks the windows per batch from the frame size and ``max_memory`` (bytes,
-    or a string such as '2G'; default :func:`decode_var.inference.default_max_memory`).
+    or a string such as '2G'; default :func:`decode_var.inference.predictor.default_max_memory`).
 
     Input guards (before the model sees a frame): pixel type (integers or floats), NaN / Inf pixels
     (error, or ``mask_nonfinite``), negative raw counts when ``Camera.convert2photons`` (error);
     constant frames and negative medians are reported at the end, a stack that is constant
     throughout is an error. Non-finite model outputs are an error naming the frames.
     """
-    from .emitters import EmitterSet
-    from .inference import Predictor, resolve_model_path
-    from .param import load_param
-    from .tiff import TiffStack
+    from decode_var.core.emitters import EmitterSet
+    from decode_var.inference.predictor import Predictor, resolve_model_path
+    from decode_var.config.param import load_param
+    from decode_var.data.tiff import TiffStack
 
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
@@ -145,7 +145,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
 
 def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=None) -> int:
     """Windows per batch: an int >= 1 as given, or 'auto' from ``max_memory`` (bytes or '2G')."""
-    from .inference import default_max_memory, parse_memory
+    from decode_var.inference.predictor import default_max_memory, parse_memory
 
     if max_memory is None:
         budget = default_max_memory(pred.device)
@@ -176,7 +176,7 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .tiff import read_blocks, window_indices
+    from decode_var.data.tiff import read_blocks, window_indices
 
     n_total = len(stack)
     hw = tuple(stack.shape[1:])
@@ -290,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"wrote {len(em)} emitters to {args.out}")
     try:
-        from .export import write_fit_outputs
+        from decode_var.inference.export import write_fit_outputs
 
         extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render)
     except DecodeVarError as err:

@@ -1,7 +1,7 @@
 """``decode-var-quickstart`` / ``python -m decode_var.quickstart``: the main job in one command.
 
 Trains VARMultiScale + AdaptivePPXYZB with the param embedded in the package
-(``decode_var/param/var_quickstart.yaml``: 40 x 40 px, astigmatic Gaussian PSF, EMCCD, CPU; no
+(``decode_var/config/var_quickstart.yaml``: 40 x 40 px, astigmatic Gaussian PSF, EMCCD, CPU; no
 calibration, nothing downloaded), then evaluates it on the seeded test set with DECODE's
 post-processing, matching and metrics. Prints the metrics; the experiment folder holds the model,
 checkpoint, curves, and ``eval/`` with ``metrics.json``, ``emitters.csv`` and ``report.png``.
@@ -15,21 +15,21 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from .errors import DecodeVarError
+    from decode_var.core.errors import DecodeVarError
 
     ap = argparse.ArgumentParser(prog="decode-var-quickstart", description=__doc__.split("\n\n")[1])
     ap.add_argument("--out", default="out/quickstart", help="parent folder of the experiment (default out/quickstart)")
     ap.add_argument("--epochs", type=int, default=None, help="override HyperParameter.epochs")
     ap.add_argument("--param", default=None, help="use this param file instead of the embedded one")
     args = ap.parse_args(argv)
-    from .eval_cli import run as run_eval
-    from .train import train
+    from decode_var.eval_cli import run as run_eval
+    from decode_var.train import train
 
     overrides = {"InOut": {"experiment_out": args.out}}
     if args.epochs is not None:
         overrides["HyperParameter"] = {"epochs": args.epochs}
     try:
-        with resources.as_file(resources.files("decode_var").joinpath("param/var_quickstart.yaml")) as embedded:
+        with resources.as_file(resources.files("decode_var.config").joinpath("var_quickstart.yaml")) as embedded:
             param_file = Path(args.param) if args.param else embedded
             trainer = train(param_file, log_comment="quickstart", no_log=True, overrides=overrides)
         exp = trainer.exp_dir

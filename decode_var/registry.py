@@ -22,7 +22,7 @@ import difflib
 from importlib import metadata
 from typing import Callable, Dict
 
-from .errors import ParamError
+from decode_var.core.errors import ParamError
 
 MODEL_GROUP = "decode_var.models"
 LOSS_GROUP = "decode_var.losses"
@@ -52,15 +52,15 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from .loss import LOSSES
-    from .model import MODELS
+    from decode_var.nn.loss import LOSSES
+    from decode_var.nn.model import MODELS
 
     _models.update({k: v for k, v in MODELS.items() if k not in _models})
     _losses.update({k: v for k, v in LOSSES.items() if k not in _losses})
-    from .backend import decode_available
+    from decode_var.backend import decode_available
 
     if decode_available():
-        from ._decode_bridge import decode_losses, decode_models
+        from decode_var.backend.decode import decode_losses, decode_models
 
         for k, v in decode_models().items():
             _models.setdefault(k, v)
@@ -122,12 +122,12 @@ def register_with_decode() -> list[str]:
     ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name in DECODE's namespaces then
     finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
     """
-    from .backend import resolve_backend_name
+    from decode_var.backend import resolve_backend_name
 
     resolve_backend_name("decode")  # clear error when DECODE is not usable
-    from ._decode_bridge import decode_namespaces
-    from .loss import LOSSES
-    from .model import MODELS
+    from decode_var.backend.decode import decode_namespaces
+    from decode_var.nn.loss import LOSSES
+    from decode_var.nn.model import MODELS
 
     namespaces = decode_namespaces()
     return (add_absent(namespaces["decode.neuralfitter.models"], MODELS, "decode.neuralfitter.models")

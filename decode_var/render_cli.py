@@ -6,8 +6,8 @@
                       [--camera-px NM NM] [--frame-size SX SY] [--frames N]
 
 Emitter files are DECODE's formats (.h5, .csv, .pt). The render writes a PNG and a float32 TIFF (same name,
-.tif); see :mod:`decode_var.render`. The conversion writes Picasso's ``*_locs.hdf5`` + ``.yaml`` or
-ThunderSTORM's CSV, converting axes and pixel origin (see :mod:`decode_var.export`). ``-p`` (the run's
+.tif); see :mod:`decode_var.inference.render`. The conversion writes Picasso's ``*_locs.hdf5`` + ``.yaml`` or
+ThunderSTORM's CSV, converting axes and pixel origin (see :mod:`decode_var.inference.export`). ``-p`` (the run's
 param) gives the camera pixel size and the PSF model (widths of the exported PSF); ``--frame-size`` is the
 camera frame in px (rows, columns); without it the field of view is taken from the localizations.
 """
@@ -29,8 +29,8 @@ def _common(p):
 
 
 def _load(args):
-    from .emitter_io import load_emitters
-    from .param import load_param
+    from decode_var.data.emitter_io import load_emitters
+    from decode_var.config.param import load_param
 
     param = load_param(args.param_file) if args.param_file else None
     px = args.camera_px or (param.Camera.px_size if param is not None else None)
@@ -43,8 +43,8 @@ def _load(args):
 
 
 def render_main(argv: Optional[Sequence[str]] = None) -> int:
-    from .errors import DecodeVarError
-    from .render import render, save_render
+    from decode_var.core.errors import DecodeVarError
+    from decode_var.inference.render import render, save_render
 
     p = argparse.ArgumentParser(prog="decode-var-render", description="Render an emitter file (PNG + float TIFF).")
     _common(p)
@@ -70,8 +70,8 @@ def render_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    from .errors import DecodeVarError
-    from .export import FORMATS, export
+    from decode_var.core.errors import DecodeVarError
+    from decode_var.inference.export import FORMATS, export
 
     p = argparse.ArgumentParser(prog="decode-var-convert",
                                 description="Convert an emitter file for Picasso, ThunderSTORM or DECODE.")

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import DecodeVarError, ParamError
+from decode_var.core.errors import DecodeVarError, ParamError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -44,8 +44,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 
 def setup_experiment(param_file: Path, param, debug: bool, comment: Optional[str]) -> tuple[Path, bool]:
     """(experiment folder, resuming?). Never overwrites an existing experiment."""
-    from .atomic import atomic_write_bytes
-    from .param import save_param
+    from decode_var.core.atomic import atomic_write_bytes
+    from decode_var.config.param import save_param
 
     ckpt = param.InOut.checkpoint_init
     if ckpt:
@@ -77,12 +77,12 @@ def setup_experiment(param_file: Path, param, debug: bool, comment: Optional[str
 def train(param_file, device: Optional[str] = None, debug: bool = False, no_log: bool = False,
           num_worker_override: Optional[int] = None, log_folder: str = "runs", log_comment: Optional[str] = None,
           trust_pickle: bool = False, progress: bool = True, overrides: Optional[dict] = None):
-    """Programmatic entry point; returns the :class:`~decode_var.engine.Trainer` after training.
+    """Programmatic entry point; returns the :class:`~decode_var.training.trainer.Trainer` after training.
 
     Launched by torchrun with ``WORLD_SIZE > 1``, every rank joins the process group and trains one
-    model with DDP (see :mod:`decode_var.distributed`); the group is left again at the end.
+    model with DDP (see :mod:`decode_var.training.distributed`); the group is left again at the end.
     """
-    from . import distributed
+    from decode_var.training import distributed
 
     try:
         return _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle,
@@ -113,10 +113,10 @@ def check_num_workers(n: int) -> None:
 
 def _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle, progress,
            overrides):
-    from . import distributed
-    from .checkpoint import load_checkpoint, load_model_weights
-    from .engine import Trainer
-    from .param import load_param
+    from decode_var.training import distributed
+    from decode_var.training.checkpoint import load_checkpoint, load_model_weights
+    from decode_var.training.trainer import Trainer
+    from decode_var.config.param import load_param
 
     param_file = Path(param_file)
     param = load_param(param_file, overrides=overrides)
@@ -181,7 +181,7 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: 0 done, 2 user error (message names the fix), 3 diverged, 130 stopped by a signal."""
-    from .engine import TrainingDiverged, TrainingInterrupted
+    from decode_var.training.trainer import TrainingDiverged, TrainingInterrupted
 
     args = parse_args(argv)
     try:

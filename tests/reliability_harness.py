@@ -137,8 +137,8 @@ def check_folder(exp: Path) -> dict:
 
     Raises AssertionError naming what is broken.
     """
-    from decode_var.checkpoint import model_state, safe_load
-    from decode_var.param import load_param
+    from decode_var.training.checkpoint import model_state, safe_load
+    from decode_var.config.param import load_param
 
     state = safe_load(exp / "ckpt.pt", what="checkpoint")  # weights_only: never runs code
     assert isinstance(state, dict) and {"model", "optimizer", "lr_scheduler", "epoch"} <= set(state), \
@@ -357,7 +357,7 @@ def param_mutations():
     """Hypothesis strategy: (description, mutated param dict) from the reference param."""
     from hypothesis import strategies as st
 
-    from decode_var.param import load_reference
+    from decode_var.config.param import load_reference
 
     ref = load_reference()
     paths = reference_paths(ref)
@@ -453,9 +453,9 @@ def build_components(param) -> None:
     """Parse every component training builds from an accepted param (the model only when small)."""
     from decode_var.backend import get_backend
     from decode_var.registry import build_loss, build_model
-    from decode_var.scales import ScaleSchedule
-    from decode_var.simulation import Camera, FrameScale
-    from decode_var.targets import MultiScaleTargets, TargetRescale
+    from decode_var.core.scales import ScaleSchedule
+    from decode_var.data.simulation import Camera, FrameScale
+    from decode_var.data.targets import MultiScaleTargets, TargetRescale
 
     backend = get_backend("builtin" if param.VAR.backend == "auto" else param.VAR.backend)
     schedule = ScaleSchedule.parse(param)
@@ -490,8 +490,8 @@ def check_param_case(data: dict) -> str:
     Raises AssertionError when the loader fails with anything but a decode-var error with a readable message,
     or when an accepted param makes a component fail with a bare error.
     """
-    from decode_var.errors import DecodeVarError
-    from decode_var.param import param_from_dict
+    from decode_var.core.errors import DecodeVarError
+    from decode_var.config.param import param_from_dict
 
     try:
         text = _dump(data)
@@ -528,7 +528,7 @@ SWEEP_VALUES = ("delete", None, True, "x", "", [], [1, "a"], {}, {"a": 1}, float
 def sweep_cases():
     """(operation, param dict): every key and section of the reference x :data:`SWEEP_VALUES`, plus a
     misspelt copy of every name (an unknown key)."""
-    from decode_var.param import load_reference
+    from decode_var.config.param import load_reference
 
     ref = load_reference()
     for path in reference_paths(ref):
@@ -624,8 +624,8 @@ def hostile_files(folder: Path) -> dict[str, Path]:
 
 def hostile_check(folder: Path) -> dict:
     """Each hostile file through each loader: refused with a CheckpointError, and its code never runs."""
-    from decode_var.checkpoint import load_checkpoint, model_state, safe_load
-    from decode_var.errors import CheckpointError
+    from decode_var.training.checkpoint import load_checkpoint, model_state, safe_load
+    from decode_var.core.errors import CheckpointError
 
     files = hostile_files(folder)
     counts = {"hostile_files": len(files), "loads_tried": 0, "refused": 0, "code_ran": 0}
@@ -648,9 +648,9 @@ def corrupt_check(folder: Path, exp: Path, seed: int = 0) -> dict:
     import numpy as np
     import tifffile
 
-    from decode_var.checkpoint import load_checkpoint, model_state
-    from decode_var.errors import DecodeVarError
-    from decode_var.tiff import TiffStack
+    from decode_var.training.checkpoint import load_checkpoint, model_state
+    from decode_var.core.errors import DecodeVarError
+    from decode_var.data.tiff import TiffStack
 
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import types
 import pytest
 
 from decode_var import backend as bk
-from decode_var.errors import BackendError
+from decode_var.core.errors import BackendError
 
 
 @pytest.fixture
@@ -42,8 +42,10 @@ def test_only_the_bridge_imports_decode():
     import pathlib
     import re
 
-    root = pathlib.Path(bk.__file__).parent
-    offenders = [p.name for p in root.rglob("*.py") if p.name != "_decode_bridge.py"
+    root = pathlib.Path(bk.__file__).parents[1]
+    files = list(root.rglob("*.py"))
+    assert root / "backend" / "decode.py" in files
+    offenders = [str(p.relative_to(root)) for p in files if p != root / "backend" / "decode.py"
                  and re.search(r"^\s*(import decode\b|from decode\b)", p.read_text(), re.M)]
     assert offenders == []
 

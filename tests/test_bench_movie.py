@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decode_var.param import param_from_dict
-from decode_var.simulation import GaussianPSF, Simulator, astigmatism
+from decode_var.config.param import param_from_dict
+from decode_var.data.simulation import GaussianPSF, Simulator, astigmatism
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_movie", REPO / "benchmarks" / "bench_movie.py")

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decode_var.channel_weights import CHANNELS, PRESETS, AdaptiveChannelWeights, resolve_channel_weights
-from decode_var.errors import CheckpointError, ParamError
+from decode_var.nn.channel_weights import CHANNELS, PRESETS, AdaptiveChannelWeights, resolve_channel_weights
+from decode_var.core.errors import CheckpointError, ParamError
 
 
 def _decaying(rate: float, start: float = 1.0):

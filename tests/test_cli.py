@@ -10,9 +10,9 @@ import yaml
 
 from decode_var.eval_cli import main as eval_main
 from decode_var.fit import main as fit_main
-from decode_var.emitter_io import load_emitters, save_emitters
-from decode_var.param import load_param
-from decode_var.simulation import Simulator
+from decode_var.data.emitter_io import load_emitters, save_emitters
+from decode_var.config.param import load_param
+from decode_var.data.simulation import Simulator
 from decode_var.train import train
 
 from test_train import TINY, write_param
@@ -41,7 +41,7 @@ def _stack(exp: Path, tmp: Path, n=12):
 
 def _spy_report_frames(monkeypatch) -> dict:
     """Record what decode-var-eval hands report.png: the frames drawn under the positions."""
-    import decode_var.plots as plots
+    import decode_var.evaluation.plots as plots
 
     seen = {}
     real = plots.plot_eval_report
@@ -158,7 +158,7 @@ def test_corrupt_model_file(trained, tmp_path, capsys):
 
 
 def test_ground_truth_background_is_read_where_the_emitter_is():
-    from decode_var.emitters import EmitterSet
+    from decode_var.core.emitters import EmitterSet
     from decode_var.eval_cli import background_at
 
     bg = torch.arange(2 * 4 * 5, dtype=torch.float32).view(2, 4, 5)  # varies across frames, rows, columns

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decode_var.crlb import crlb_ratio, gaussian_crlb, mortensen_var
-from decode_var.errors import ShapeError
+from decode_var.data.crlb import crlb_ratio, gaussian_crlb, mortensen_var
+from decode_var.core.errors import ShapeError
 
 
 @pytest.mark.parametrize("n_phot,bg", [(2000.0, 10.0), (5000.0, 100.0), (1000.0, 1.0), (500.0, 50.0)])

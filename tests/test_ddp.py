@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from decode_var import distributed
-from decode_var.checkpoint import load_checkpoint, load_model_weights
-from decode_var.distributed import DistContext
-from decode_var.engine import Trainer
-from decode_var.param import load_param
+from decode_var.training import distributed
+from decode_var.training.checkpoint import load_checkpoint, load_model_weights
+from decode_var.training.distributed import DistContext
+from decode_var.training.trainer import Trainer
+from decode_var.config.param import load_param
 from decode_var.registry import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_killing_one_rank_stops_the_other_with_a_clear_error(tmp_path, victim):
 
 HUNG = """
 import sys, time
-from decode_var import distributed
+from decode_var.training import distributed
 ctx, _ = distributed.init_from_env("cpu", timeout_s=3)
 if ctx.rank == 1:
     time.sleep(40)  # alive, but never joins the collective

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from decode_var.atomic import atomic_write, atomic_write_text
+from decode_var.core.atomic import atomic_write, atomic_write_text
 from decode_var.backend import decode_available
-from decode_var.emitter_io import load_emitters, save_emitters
-from decode_var.emitters import EmitterSet
-from decode_var.errors import InputDataError
+from decode_var.data.emitter_io import load_emitters, save_emitters
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import InputDataError
 
 FORMATS = [".h5", ".csv", ".pt"]
 
@@ -204,7 +204,7 @@ def test_we_read_decode_files(tmp_path, suffix):
 
 
 def test_atomic_torch_save(tmp_path):
-    from decode_var.atomic import atomic_torch_save, atomic_write_bytes
+    from decode_var.core.atomic import atomic_torch_save, atomic_write_bytes
 
     atomic_torch_save({"w": torch.arange(3)}, tmp_path / "ck.pt")
     assert torch.load(tmp_path / "ck.pt", weights_only=True)["w"].tolist() == [0, 1, 2]

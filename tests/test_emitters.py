@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from decode_var.emitters import EmitterSet
-from decode_var.errors import ShapeError
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import ShapeError
 
 
 def _em():

@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from decode_var.backend import decode_available
-from decode_var.emitters import EmitterSet
-from decode_var.errors import ParamError
-from decode_var.evaluation import (DistanceEvaluation, GreedyHungarianMatching, SegmentationEvaluation, efficiency,
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import ParamError
+from decode_var.evaluation.matching import (DistanceEvaluation, GreedyHungarianMatching, SegmentationEvaluation, efficiency,
                                    evaluate, precision_recall_jaccard)
 
 PX = (100.0, 100.0)

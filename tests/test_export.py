@@ -9,12 +9,12 @@ import torch
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from decode_var.emitter_io import load_emitters
-from decode_var.emitters import EmitterSet
-from decode_var.errors import InputDataError
-from decode_var.export import TS_COLUMNS_2D, TS_COLUMNS_3D, export, export_paths, save_picasso, save_thunderstorm
-from decode_var.simulation import GaussianPSF
-from decode_var.tiff import TiffStack
+from decode_var.data.emitter_io import load_emitters
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import InputDataError
+from decode_var.inference.export import TS_COLUMNS_2D, TS_COLUMNS_3D, export, export_paths, save_picasso, save_thunderstorm
+from decode_var.data.simulation import GaussianPSF
+from decode_var.data.tiff import TiffStack
 
 ROWS, COLS = 30, 44  # non-square, so that a swapped x / y cannot pass
 ROW, COL, FRAME = 7.3, 31.6, 2  # the emitter: TIFF page 2, between rows 7 and 8, columns 31 and 32
@@ -117,7 +117,7 @@ def test_export_paths_and_bad_format(tmp_path):
 
 
 def test_convert_cli(located, tmp_path, capsys):
-    from decode_var.emitter_io import save_emitters
+    from decode_var.data.emitter_io import save_emitters
     from decode_var.render_cli import convert_main
 
     em, x, y = located
@@ -154,8 +154,8 @@ def test_unknown_values_are_written_as_the_readers_expect(tmp_path):
 
 
 def test_fit_outputs_next_to_the_emitter_file(located, tmp_path):
-    from decode_var.export import write_fit_outputs
-    from decode_var.param import param_from_dict, save_param
+    from decode_var.inference.export import write_fit_outputs
+    from decode_var.config.param import param_from_dict, save_param
 
     em, x, y = located
     param_file = tmp_path / "param_run.yaml"
@@ -176,7 +176,7 @@ def test_fit_outputs_next_to_the_emitter_file(located, tmp_path):
        px=st.sampled_from([(100.0, 100.0), (65.0, 65.0), (107.0, 93.0)]), frame=st.integers(0, 10 ** 6))
 def test_exports_invert_to_decode_coordinates(xy, px, frame):
     """Picasso (x = column, same centres) and ThunderSTORM (nm, x = column, + 0.5 px) map back to DECODE's x, y."""
-    from decode_var.export import picasso_table, thunderstorm_table
+    from decode_var.inference.export import picasso_table, thunderstorm_table
 
     xyz = torch.tensor([[a, b, 0.0] for a, b in xy])
     em = EmitterSet(xyz, torch.full((len(xy),), 1000.0), torch.full((len(xy),), frame), px_size=px)

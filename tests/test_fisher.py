@@ -1,14 +1,14 @@
-"""CRLB of any PSF from autograd Fisher information (decode_var.fisher) against the analytic Gaussian bound."""
+"""CRLB of any PSF from autograd Fisher information (decode_var.data.fisher) against the analytic Gaussian bound."""
 import math
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decode_var.crlb import gaussian_crlb
-from decode_var.fisher import crlb_from_model
-from decode_var.simulation import astigmatism
-from decode_var.spline_psf import SplinePSF, gaussian_pixel_model, make_calibration
+from decode_var.data.crlb import gaussian_crlb
+from decode_var.data.fisher import crlb_from_model
+from decode_var.data.simulation import astigmatism
+from decode_var.data.spline_psf import SplinePSF, gaussian_pixel_model, make_calibration
 
 ROI = 25  # gaussian_crlb's default ROI, centred on the emitter's pixel
 
@@ -64,10 +64,10 @@ def test_spline_crlb_close_to_the_gaussian_it_was_fitted_to():
 
 
 def test_eval_reports_crlb_ratio_for_spline_runs(tmp_path):
-    from decode_var.emitters import EmitterSet
+    from decode_var.core.emitters import EmitterSet
     from decode_var.eval_cli import crlb_metrics
-    from decode_var.param import param_from_dict
-    from decode_var.spline_psf import save_calibration
+    from decode_var.config.param import param_from_dict
+    from decode_var.data.spline_psf import save_calibration
 
     path = tmp_path / "c_3dcal.mat"
     save_calibration(path, make_calibration(gaussian_pixel_model(), roi_size=15, z_range_nm=(-400.0, 400.0)))

@@ -16,12 +16,12 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from decode_var.emitter_io import load_emitters
+from decode_var.data.emitter_io import load_emitters
 from decode_var.fit import main as fit_main
-from decode_var.inference import Predictor
-from decode_var.param import load_param, param_from_dict, save_param
+from decode_var.inference.predictor import Predictor
+from decode_var.config.param import load_param, param_from_dict, save_param
 from decode_var.registry import register_model
-from decode_var.simulation import Simulator
+from decode_var.data.simulation import Simulator
 
 from test_train import TINY, write_param
 
@@ -55,7 +55,7 @@ class PeakOracle(torch.nn.Module):
 
 
 def _oracle_dir(tmp_path):
-    from decode_var.checkpoint import save_model
+    from decode_var.training.checkpoint import save_model
 
     param = load_param(write_param(tmp_path, HyperParameter={**TINY["HyperParameter"], "architecture": "PeakOracle"},
                                    Camera={"convert2photons": False}))
@@ -181,7 +181,7 @@ def test_a_large_frame_equals_its_training_size_tiles_away_from_the_tile_borders
 
 
 def test_attention_windows_keep_their_training_size_on_larger_frames(small_model):
-    from decode_var.model_blocks import WindowLayout
+    from decode_var.nn.blocks import WindowLayout
 
     model = Predictor(load_param(small_model / "param_run.yaml"), small_model / "model.pt").model
     assert model._win0 == (5, 5)  # a 10 x 10 coarse grid (40 px at 0.25) in 2 x 2 windows of 5 cells

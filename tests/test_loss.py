@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decode_var.channel_weights import CHANNELS, PRESETS
-from decode_var.errors import CheckpointError, ParamError, ShapeError
-from decode_var.loss import LOSSES, AdaptivePPXYZBLoss, PPXYZBLoss
-from decode_var.progressive import (ConstantScaleWeights, VARProgressiveSchedule, WarmupScaleWeights,
+from decode_var.nn.channel_weights import CHANNELS, PRESETS
+from decode_var.core.errors import CheckpointError, ParamError, ShapeError
+from decode_var.nn.loss import LOSSES, AdaptivePPXYZBLoss, PPXYZBLoss
+from decode_var.nn.progressive import (ConstantScaleWeights, VARProgressiveSchedule, WarmupScaleWeights,
                                     build_schedule)
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from decode_var.errors import CheckpointError, ParamError, ShapeError
-from decode_var.model import MODELS, VARMultiScale
-from decode_var.model_blocks import (RefineStage, ScaleTransformer, WindowLayout, recentre, recentre_upsample,
+from decode_var.core.errors import CheckpointError, ParamError, ShapeError
+from decode_var.nn.model import MODELS, VARMultiScale
+from decode_var.nn.blocks import (RefineStage, ScaleTransformer, WindowLayout, recentre, recentre_upsample,
                                      resample, upsample_cells)
-from decode_var.scales import ScaleSchedule
+from decode_var.core.scales import ScaleSchedule
 
 FACTORS = [0.25, 0.5, 1.0, 2.0]
 TINY = dict(features=4, token_dim=8, depth=1, heads=2, window=2)
@@ -364,7 +364,7 @@ def test_parse_takes_initial_features_from_arch_param():
 
 
 def test_parse_with_the_packaged_reference_defaults():
-    from decode_var.param import param_from_dict
+    from decode_var.config.param import param_from_dict
 
     m = VARMultiScale.parse(param_from_dict({}))
     assert m.conditioning == "next_scale" and m.schedule.factors == (0.25, 0.5, 1.0)
@@ -422,8 +422,8 @@ def test_teacher_forced_condition_equals_the_finer_target(shape, n, seed):
     conditioning path become, on every fine cell holding an isolated emitter, scale k's own target
     offset (cells of scale k). Grids 0.25, 0.5, 1, 2; non-square frames."""
     from decode_var.backend import get_backend
-    from decode_var.emitters import EmitterSet
-    from decode_var.targets import MultiScaleTargets, TargetRescale
+    from decode_var.core.emitters import EmitterSet
+    from decode_var.data.targets import MultiScaleTargets, TargetRescale
 
     sched = ScaleSchedule(shape, FACTORS)
     xy, isolated = _isolated_emitters(shape, n, seed)
@@ -512,9 +512,9 @@ def test_decode_post_processing_infer_and_load_save(tmp_path):
 
 
 def test_a_checkpoint_of_an_earlier_model_format_is_refused_with_the_fix():
-    from decode_var.errors import CheckpointError
-    from decode_var.model import VARMultiScale
-    from decode_var.scales import ScaleSchedule
+    from decode_var.core.errors import CheckpointError
+    from decode_var.nn.model import VARMultiScale
+    from decode_var.core.scales import ScaleSchedule
 
     model = VARMultiScale(3, ScaleSchedule((16, 16), [0.25, 0.5, 1.0]), features=8, token_dim=16, depth=1, heads=2)
     state = model.state_dict()

@@ -3,8 +3,8 @@ import copy
 import pytest
 import yaml
 
-from decode_var.errors import ParamError
-from decode_var.param import ParamKeyError, load_param, load_reference, param_from_dict, save_param
+from decode_var.core.errors import ParamError
+from decode_var.config.param import ParamKeyError, load_param, load_reference, param_from_dict, save_param
 
 
 def test_defaults_filled_and_scaling_derived_like_decode():

@@ -13,8 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from decode_var.errors import ParamError
-from decode_var.param import load_param, load_reference, param_from_dict
+from decode_var.core.errors import ParamError
+from decode_var.config.param import load_param, load_reference, param_from_dict
 
 import reliability_harness as bench
 
@@ -39,7 +39,7 @@ def test_random_combinations_of_mutations(case):
 
 def test_the_fuzz_detects_a_bare_error(monkeypatch):
     """The check fails on the kind of bug it hunts (a value that is compared before it is checked)."""
-    import decode_var.param as param_mod
+    import decode_var.config.param as param_mod
 
     real = param_mod.validate
 
@@ -74,7 +74,7 @@ def test_empty_non_finite_and_misspelt_values_name_the_key(tmp_path, text, match
         load_param(path)
 
 
-_REFERENCE_TEXT = (REPO / "decode_var" / "reference.yaml").read_text()
+_REFERENCE_TEXT = (REPO / "decode_var" / "config" / "reference.yaml").read_text()
 
 
 @settings(max_examples=60, deadline=None)
@@ -91,7 +91,7 @@ def test_a_cut_or_garbled_param_file_loads_or_is_a_param_error(tmp_path_factory,
 def test_every_accepted_mutation_round_trips_through_param_run_yaml(tmp_path):
     """What training writes as param_run.yaml loads back to the same values (checked in the fuzz for
     every accepted case; here once through real files)."""
-    from decode_var.param import save_param
+    from decode_var.config.param import save_param
 
     data = load_reference()
     data["VAR"]["model"]["p_init"] = 0.01

@@ -7,10 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decode_var.engine import Trainer
-from decode_var.loss import PPXYZBLoss, unit_weight_loss
-from decode_var.param import load_param
-from decode_var.plots import plot_training_curves
+from decode_var.training.trainer import Trainer
+from decode_var.nn.loss import PPXYZBLoss, unit_weight_loss
+from decode_var.config.param import load_param
+from decode_var.evaluation.plots import plot_training_curves
 
 from test_train import write_param
 
@@ -91,8 +91,8 @@ def test_training_curves_label_the_fixed_and_the_optimised_loss(tmp_path, monkey
 def test_report_draws_the_frame_under_the_positions(tmp_path, monkeypatch):
     import matplotlib.figure
 
-    from decode_var.emitters import EmitterSet
-    from decode_var.plots import plot_eval_report
+    from decode_var.core.emitters import EmitterSet
+    from decode_var.evaluation.plots import plot_eval_report
 
     shown = []
     real_savefig = matplotlib.figure.Figure.savefig

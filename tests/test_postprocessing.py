@@ -5,10 +5,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from decode_var.backend import decode_available
-from decode_var.errors import ParamError, ShapeError
-from decode_var.postprocessing import (LookUpPostProcessing, NoPostProcessing, SpatialIntegration, bin_centres,
+from decode_var.core.errors import ParamError, ShapeError
+from decode_var.evaluation.postprocessing import (LookUpPostProcessing, NoPostProcessing, SpatialIntegration, bin_centres,
                                        parse, post_processing_from_param)
-from decode_var.scales import ScaleSchedule
+from decode_var.core.scales import ScaleSchedule
 
 EXT = (-0.5, 15.5)
 

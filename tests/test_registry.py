@@ -3,7 +3,7 @@ import importlib.metadata as md
 import pytest
 
 from decode_var import registry
-from decode_var.errors import ParamError
+from decode_var.core.errors import ParamError
 
 
 def test_builtin_names():
@@ -53,7 +53,7 @@ def test_register_with_decode_never_replaces_a_name(monkeypatch):
     import warnings
 
     from decode_var import backend
-    from decode_var.loss import LOSSES
+    from decode_var.nn.loss import LOSSES
 
     class DecodesPPXYZBLoss:
         pass
@@ -64,9 +64,9 @@ def test_register_with_decode_never_replaces_a_name(monkeypatch):
     loss_ns.PPXYZBLoss = DecodesPPXYZBLoss  # the name our PPXYZB class carries in Python
     assert LOSSES["PPXYZB"].__name__ == "PPXYZBLoss"
     before = {ns: dict(vars(ns)) for ns in (models_ns, loss_ns)}
-    bridge = types.ModuleType("decode_var._decode_bridge")
+    bridge = types.ModuleType("decode_var.backend.decode")
     bridge.decode_namespaces = lambda: {"decode.neuralfitter.models": models_ns, "decode.neuralfitter.loss": loss_ns}
-    monkeypatch.setitem(sys.modules, "decode_var._decode_bridge", bridge)
+    monkeypatch.setitem(sys.modules, "decode_var.backend.decode", bridge)
     monkeypatch.setattr(backend, "resolve_backend_name", lambda name: name)
 
     with pytest.warns(UserWarning, match=r"decode\.neuralfitter\.models\.VARMultiScale exists already"):

@@ -19,9 +19,9 @@ import tifffile
 import torch
 import yaml
 
-from decode_var.atomic import atomic_write, remove_stale_temporaries, temporaries
-from decode_var.checkpoint import load_checkpoint, safe_load
-from decode_var.errors import CheckpointError, InputDataError
+from decode_var.core.atomic import atomic_write, remove_stale_temporaries, temporaries
+from decode_var.training.checkpoint import load_checkpoint, safe_load
+from decode_var.core.errors import CheckpointError, InputDataError
 
 import reliability_harness as bench
 
@@ -157,7 +157,7 @@ def test_sigterm_twice_stops_at_once_and_the_last_checkpoint_is_intact(signal_re
 
 def test_a_stop_during_the_last_epoch_completes_the_run(tmp_path, monkeypatch):
     """A signal that arrives in the last epoch's final step: the run is complete, exit 0, no resume needed."""
-    from decode_var import engine
+    from decode_var.training import trainer as engine
     from decode_var.train import main as train_main
 
     param = bench.write_param(tmp_path, {"HyperParameter": {"epochs": 1, "pseudo_ds_size": 16, "batch_size": 8}})
@@ -217,8 +217,8 @@ def test_hostile_model_and_checkpoint_through_the_command_lines(tmp_path, capsys
 
 def test_a_whole_pickled_model_needs_trust_pickle(tmp_path, model_dir):
     """What an old DECODE model file is: a pickled nn.Module. Refused by default, loaded with the opt-in."""
-    from decode_var.checkpoint import load_model_weights
-    from decode_var.param import load_param
+    from decode_var.training.checkpoint import load_model_weights
+    from decode_var.config.param import load_param
     from decode_var.registry import build_model
 
     param = load_param(model_dir / "param_run.yaml")
@@ -277,8 +277,8 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, kill_ref,
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An untrained model with its param_run.yaml (the input guards do not depend on the weights)."""
-    from decode_var.checkpoint import save_model
-    from decode_var.param import load_param, save_param
+    from decode_var.training.checkpoint import save_model
+    from decode_var.config.param import load_param, save_param
     from decode_var.registry import build_model
 
     folder = tmp_path_factory.mktemp("fitmodel")

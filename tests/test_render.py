@@ -4,9 +4,9 @@ import pytest
 import tifffile
 import torch
 
-from decode_var.emitters import EmitterSet
-from decode_var.errors import InputDataError
-from decode_var.render import render, save_render
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import InputDataError
+from decode_var.inference.render import render, save_render
 
 
 def _em(xyz, frame_ix=None, **kw):
@@ -71,7 +71,7 @@ def test_bad_render_requests_are_explained():
 
 
 def test_render_cli(tmp_path):
-    from decode_var.emitter_io import save_emitters
+    from decode_var.data.emitter_io import save_emitters
     from decode_var.render_cli import render_main
 
     src = tmp_path / "fit.csv"

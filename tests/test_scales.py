@@ -1,8 +1,8 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from decode_var.errors import ParamError
-from decode_var.scales import ScaleSchedule
+from decode_var.core.errors import ParamError
+from decode_var.core.scales import ScaleSchedule
 
 
 def test_grids_coarser_and_finer_than_input():

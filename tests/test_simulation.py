@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from decode_var.errors import ParamError
-from decode_var.param import param_from_dict
-from decode_var.simulation import Camera, GaussianPSF, Simulator, astigmatism
+from decode_var.core.errors import ParamError
+from decode_var.config.param import param_from_dict
+from decode_var.data.simulation import Camera, GaussianPSF, Simulator, astigmatism
 
 
 def test_psf_integrates_to_photons_and_is_centred():
@@ -65,7 +65,7 @@ def test_spline_without_decode_is_a_clear_error():
 # --------------------------------------------------------------------------- background (issue 17)
 from hypothesis import given, strategies as st  # noqa: E402
 
-from decode_var.simulation import Background, perlin_NHW  # noqa: E402
+from decode_var.data.simulation import Background, perlin_NHW  # noqa: E402
 
 
 def _ks_uniform(x: torch.Tensor, lo: float, hi: float) -> float:
@@ -138,7 +138,7 @@ def test_perlin_background_is_smooth_structured_and_drifts():
 
 def test_targets_carry_the_local_background_of_the_centre_frame():
     from decode_var.backend import Backend
-    from decode_var.targets import MultiScaleTargets
+    from decode_var.data.targets import MultiScaleTargets
 
     p = param_from_dict({"Simulation": {"bg_perlin_amplitude": 100.0, "bg_perlin_scale": 3},
                          "VAR": {"bg_drift": 0.2}})
@@ -186,7 +186,7 @@ def test_background_and_density_keys_are_validated(sim, var, match):
 
 
 def test_model_p_init_from_an_emitter_av_range():
-    from decode_var.model import VARMultiScale
+    from decode_var.nn.model import VARMultiScale
 
     def p_bias(emitter_av):  # the finest head's initial p logit
         return VARMultiScale.parse(param_from_dict({"Simulation": {"emitter_av": emitter_av}})).heads[-1].bias[0]

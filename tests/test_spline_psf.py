@@ -8,10 +8,10 @@ import scipy.io as sio
 import torch
 from hypothesis import given, settings, strategies as st
 
-from decode_var.errors import InputDataError, ParamError
-from decode_var.param import param_from_dict
-from decode_var.simulation import GaussianPSF, Simulator
-from decode_var.spline_psf import (OUT_OF_ROI_VALUE, SplineCalibration, SplinePSF, gaussian_pixel_model,
+from decode_var.core.errors import InputDataError, ParamError
+from decode_var.config.param import param_from_dict
+from decode_var.data.simulation import GaussianPSF, Simulator
+from decode_var.data.spline_psf import (OUT_OF_ROI_VALUE, SplineCalibration, SplinePSF, gaussian_pixel_model,
                                    load_calibration, make_calibration, save_calibration)
 
 GAUSS = dict(sigma_0=1.0, foc_shift=250.0, rl_range=280.0)
@@ -39,7 +39,7 @@ def _param(calib_file, **sim):
 
 
 def reference_frames(calib: SplineCalibration, xyz, phot, frame_ix, n_frames, img_shape, roi=None, auto=False):
-    """Scalar float64 transcription of the documented model (module docstring of decode_var.spline_psf)."""
+    """Scalar float64 transcription of the documented model (module docstring of decode_var.data.spline_psf)."""
     c = calib.coeff_XYZ64.astype(np.float64)
     nx, ny, nz = c.shape[:3]
     rx, ry = roi or (nx, ny)
@@ -256,7 +256,7 @@ def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
     import tifffile
 
     from decode_var.fit import main as fit_main
-    from decode_var.param import load_param
+    from decode_var.config.param import load_param
 
     sim = Simulator.parse(load_param(exp / "param_run.yaml"))
     sim.camera.photon_units = False
@@ -272,7 +272,7 @@ def test_train_and_eval_on_the_spline_psf_without_decode(tmp_path, calib_file):
 
 
 def test_wrong_shapes_are_named(calib):
-    from decode_var.errors import ShapeError
+    from decode_var.core.errors import ShapeError
 
     psf = SplinePSF((-0.5, 31.5), (-0.5, 23.5), (32, 24), calib)
     with pytest.raises(ShapeError, match=r"xyz \(E, 3\) and phot \(E,\), got \(2, 2\)"):

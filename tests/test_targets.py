@@ -3,11 +3,11 @@ import torch
 from hypothesis import example, given, settings, strategies as st
 
 from decode_var.backend import Backend, get_backend
-from decode_var.emitters import EmitterSet
-from decode_var.errors import ShapeError
-from decode_var.param import param_from_dict
-from decode_var.scales import ScaleSchedule
-from decode_var.targets import (MultiScaleTargets, SimpleWeight, TargetRescale, UnifiedEmbeddingTarget,
+from decode_var.core.emitters import EmitterSet
+from decode_var.core.errors import ShapeError
+from decode_var.config.param import param_from_dict
+from decode_var.core.scales import ScaleSchedule
+from decode_var.data.targets import (MultiScaleTargets, SimpleWeight, TargetRescale, UnifiedEmbeddingTarget,
                                 resample_bg)
 
 EXT = (-0.5, 39.5)

@@ -4,8 +4,8 @@ import tifffile
 import torch
 
 from decode_var.backend import decode_available
-from decode_var.errors import InputDataError
-from decode_var.tiff import TiffStack, window_batches, window_indices
+from decode_var.core.errors import InputDataError
+from decode_var.data.tiff import TiffStack, window_batches, window_indices
 
 
 def _frames(t=10, h=12, w=9, dtype=np.uint16):

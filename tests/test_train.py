@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from decode_var.errors import ParamError
+from decode_var.core.errors import ParamError
 from decode_var.train import main as train_main, train
 
 TINY = {
@@ -105,7 +105,7 @@ def test_missing_calibration_points_to_gaussian(tmp_path, capsys):
 def test_existing_experiment_is_never_overwritten(tmp_path, monkeypatch):
     import datetime as _dt
 
-    from decode_var.errors import DecodeVarError
+    from decode_var.core.errors import DecodeVarError
     import decode_var.train as tr
 
     class Frozen(_dt.datetime):
@@ -128,8 +128,8 @@ def test_register_with_decode():
     import decode.neuralfitter.models
 
     import decode_var
-    from decode_var.loss import LOSSES
-    from decode_var.model import MODELS
+    from decode_var.nn.loss import LOSSES
+    from decode_var.nn.model import MODELS
 
     decodes_own = decode.neuralfitter.loss.PPXYZBLoss
     assert decodes_own.__module__ == "decode.neuralfitter.loss"
@@ -225,8 +225,8 @@ def test_sigmamunet_step_matches_decode_training_loop():
 
     from decode.neuralfitter import train_val_impl
 
-    from decode_var.engine import Trainer
-    from decode_var.param import param_from_dict
+    from decode_var.training.trainer import Trainer
+    from decode_var.config.param import param_from_dict
 
     data = json.loads(json.dumps(TINY))
     data.pop("TestSet_")

@@ -1,0 +1,484 @@
+"""Load, fill, validate and save DECODE-format param files with the plugin's ``VAR:`` section.
+
+Loading follows DECODE 0.10 (``decode.utils.param_io``): the user's file is filled with the
+reference defaults key by key, unknown keys of DECODE's sections are kept, and the derived
+``Scaling`` values are set as DECODE's ``autoset_scaling`` does. On top of that every value the
+plugin reads is validated, and every problem is one :class:`~decode_var.core.errors.ParamError` that
+names the key and the fix.
+
+The loaded object is a :class:`Param` namespace (``param.HyperParameter.batch_size``), which is
+what DECODE's own ``parse(param)`` classmethods expect.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from decode_var.core.errors import ParamError
+
+#: Sections in which unknown keys are errors (the plugin owns them).
+STRICT_SECTIONS = ("VAR",)
+
+#: Number keys that also take a list: a range [low, high] drawn per sample, or one value per Perlin scale.
+NUMBER_OR_LIST = ("Simulation.emitter_av", "Simulation.bg_perlin_scale")
+
+
+class ParamKeyError(ParamError, AttributeError):
+    """A key that is read does not exist (an AttributeError too, so ``getattr(p, k, default)`` works)."""
+
+
+_RESERVED = frozenset({"keys", "get", "to_dict"})
+
+
+class Param:
+    """Attribute-access view of a nested dict (DECODE's ``RecursiveNamespace`` convention)."""
+
+    def __init__(self, _path: str = "", **entries):
+        object.__setattr__(self, "_path", _path)
+        self._fill(entries)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str = "") -> "Param":
+        """Like ``Param(**data)``, for any dict (a key named like an argument is refused, not a TypeError)."""
+        out = cls(path)
+        out._fill(data)
+        return out
+
+    def _fill(self, entries: dict) -> None:
+        _path = self._path
+        where = f"section '{_path}'" if _path else "the top level"
+        for key, value in entries.items():
+            if not isinstance(key, str):
+                raise ParamError(f"Param key {key!r} at {where} is not text. Write it as a name (a YAML string key).")
+            if key.startswith("_") or key in _RESERVED:
+                raise ParamError(f"Param key '{key}' at {where} is not allowed: keys starting with '_' and the names "
+                                 f"{', '.join(sorted(_RESERVED))} are reserved. Rename or remove it.")
+            object.__setattr__(self, key, self._wrap(value, f"{_path}.{key}" if _path else key))
+
+    @staticmethod
+    def _wrap(value, path):
+        if isinstance(value, dict):
+            return Param.from_dict(value, path)
+        return value
+
+    def __getattr__(self, key):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        where = self._path or "the param file"
+        raise ParamKeyError(f"{where} has no key '{key}'. Add it to the param file "
+                            f"(see param/reference.yaml for every key and its default).")
+
+    def __setattr__(self, key, value):
+        object.__setattr__(self, key, self._wrap(value, f"{self._path}.{key}" if self._path else key))
+
+    def __contains__(self, key):
+        return key in self.__dict__ and key != "_path"
+
+    def keys(self):
+        return [k for k in self.__dict__ if k != "_path"]
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default) if key != "_path" else default
+
+    def to_dict(self) -> dict:
+        out = {}
+        for k in self.keys():
+            v = self.__dict__[k]
+            out[k] = v.to_dict() if isinstance(v, Param) else copy.deepcopy(v)
+        return out
+
+    def __repr__(self):
+        return f"Param({self.to_dict()!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Param) and self.to_dict() == other.to_dict()
+
+
+def load_reference() -> dict:
+    """The reference defaults shipped with the package (``decode_var/config/reference.yaml``); a fresh copy."""
+    return copy.deepcopy(_reference())
+
+
+@functools.lru_cache(maxsize=1)
+def _reference() -> dict:
+    text = resources.files("decode_var.config").joinpath("reference.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(str(key), [str(o) for o in options], n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_type(path: str, value, ref) -> None:
+    """The user's value must have the reference's kind (number, bool, str, list, section)."""
+    if ref is None or value is None:
+        return
+    if isinstance(ref, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif _is_number(ref) and path in NUMBER_OR_LIST:
+        ok, kind = _is_number(value) or isinstance(value, (list, tuple)), "a number or a list of numbers"
+    elif _is_number(ref):
+        ok, kind = _is_number(value), "a number"
+    elif isinstance(ref, str):
+        # some string keys also take a list (e.g. VAR.loss.channel_weights: preset or 6 numbers)
+        ok, kind = isinstance(value, (str, list)), "a name"
+    elif isinstance(ref, list):
+        ok, kind = isinstance(value, (list, tuple)) or _is_number(value), "a list"
+    elif isinstance(ref, dict):
+        ok, kind = isinstance(value, dict), "a section (mapping)"
+    else:
+        return
+    if not ok:
+        raise ParamError(f"{path} must be {kind}, got {value!r} ({type(value).__name__}). "
+                         f"The default is {ref!r}.")
+
+
+def autofill(user: dict, reference: dict, path: str = "") -> dict:
+    """Fill ``user`` with the reference's keys, recursively; keep unknown keys of DECODE sections.
+
+    Unknown keys inside :data:`STRICT_SECTIONS` raise :class:`ParamError` with the nearest name.
+    """
+    out = {}
+    strict = path.split(".")[0] in STRICT_SECTIONS if path else False
+    for key, value in user.items():
+        if key not in reference:
+            where = f"{path}.{key}" if path else str(key)
+            if strict:
+                raise ParamError(f"Unknown key {where}.{_suggest(key, reference)} "
+                                 f"Known keys of {path}: {', '.join(map(str, reference))}.")
+            if not path and not isinstance(value, (dict, str, type(None))):
+                raise ParamError(f"Top-level key '{key}' must be a section, got {value!r}.")
+            out[key] = copy.deepcopy(value)
+    for key, ref in reference.items():
+        where = f"{path}.{key}" if path else key
+        if key in user:
+            value = user[key]
+            if isinstance(ref, dict) and value is None:
+                value = {}
+            _check_type(where, value, ref)
+            if isinstance(ref, dict) and ref:
+                out[key] = autofill(value, ref, where)
+            else:
+                out[key] = copy.deepcopy(value)
+        else:
+            out[key] = copy.deepcopy(ref)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ParamError(f"Param file {path} does not exist. Start from param/var_quickstart.yaml.")
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ParamError(f"Param file {path} must end in .yaml, .yml or .json.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamError(f"Param file {path} cannot be read ({err}). Check the path and permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamError(f"Param file {path} is not valid YAML{where}: "
+                         f"{getattr(err, 'problem', err)}. Fix the syntax (indentation, colons).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamError(f"Param file {path} must hold sections (a mapping), got {type(data).__name__}.")
+    return data
+
+
+def load_param(path: Union[str, Path], overrides: dict | None = None) -> Param:
+    """Read a param file, fill defaults, derive ``Scaling``, validate. Raises :class:`ParamError`."""
+    data = _read_yaml(Path(path))
+    return param_from_dict(data, overrides=overrides, source=str(path))
+
+
+def param_from_dict(data: dict, overrides: dict | None = None, source: str = "param") -> Param:
+    """Same as :func:`load_param`, from a dict (tests, programmatic use)."""
+    if not isinstance(data, dict):
+        raise ParamError(f"{source} must be a mapping of sections, got {type(data).__name__}.")
+    data = copy.deepcopy(data)
+    if overrides:
+        _deep_update(data, overrides)
+    if "VAR" in data and data["VAR"] is None:
+        data["VAR"] = {}
+    filled = autofill(data, load_reference())
+    param = Param.from_dict(filled)
+    autoset_scaling(param)
+    validate(param)
+    return param
+
+
+def _deep_update(d: dict, u: dict) -> None:
+    for k, v in u.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _deep_update(d[k], v)
+        else:
+            d[k] = copy.deepcopy(v)
+
+
+def autoset_scaling(param: Param) -> Param:
+    """Derive empty ``Scaling`` values the way DECODE's ``autoset_scaling`` does."""
+    sim, sc = param.Simulation, param.Scaling
+    mu_sig = _pair(sim.intensity_mu_sig, "Simulation.intensity_mu_sig")
+    bg = sim.bg_uniform
+    bg_lo, bg_hi = _pair(bg, "Simulation.bg_uniform") if isinstance(bg, (list, tuple)) else (bg, bg)
+    if not _is_number(bg_lo) or not _is_number(bg_hi):
+        raise ParamError(f"Simulation.bg_uniform must be a number or [low, high] (photons / px), got {bg!r}.")
+    ext = sim.emitter_extent
+    _extent(ext, "Simulation.emitter_extent", n_axes=3)
+    _require(mu_sig[0] > 0 and mu_sig[1] >= 0, f"Simulation.intensity_mu_sig must be [mean > 0, sd >= 0] photons, "
+             f"got {list(mu_sig)}. Negative photons are not physical.")
+    if sc.input_scale is None:
+        sc.input_scale = mu_sig[0] / 50
+    if sc.phot_max is None:
+        sc.phot_max = mu_sig[0] + 8 * mu_sig[1]
+    if sc.z_max is None:
+        sc.z_max = ext[2][1] * 1.2
+    if sc.input_offset is None:
+        sc.input_offset = (bg_lo + bg_hi) / 2
+    if sc.bg_max is None:  # DECODE: 1.2 * upper bg; a smooth field adds its peak (and the drift's)
+        sc.bg_max = (bg_hi + _perlin_peak(param)) * 1.2
+    return param
+
+
+def _perlin_peak(param: Param) -> float:
+    """Highest photons / px the Perlin field can add (0 when off or malformed; validate() reports that)."""
+    amp = param.Simulation.get("bg_perlin_amplitude")
+    amps = amp if isinstance(amp, (list, tuple)) else [amp]
+    drift = param.VAR.get("bg_drift") if "VAR" in param else None
+    drift = drift if _is_finite(drift) and drift > 0 else 0.0
+    half = (param.HyperParameter.channels_in - 1) // 2 if _is_number(param.HyperParameter.channels_in) else 0
+    return sum(a for a in amps if _is_finite(a) and a > 0) * (1 + drift * half)
+
+
+def _pair(value, key) -> tuple:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_number(v) for v in value)):
+        raise ParamError(f"{key} must be two numbers [a, b], got {value!r}.")
+    return float(value[0]), float(value[1])
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ParamError(msg)
+
+
+def _is_finite(v) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _check_int(key: str, v, lo: int, hi: float = math.inf, what: str = "") -> None:
+    """``key`` must be a whole number in [lo, hi] (1.0 counts as 1; NaN, inf, true, "1" do not)."""
+    ok = _is_finite(v) and int(v) == v and lo <= v <= hi
+    rng = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
+    _require(ok, f"{key} must be an integer {rng}{what}, got {v!r}.")
+
+
+def _check_num(key: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
+               what: str = "") -> None:
+    """``key`` must be a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    ok = _is_finite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+    if lo == -math.inf and hi == math.inf:
+        rng = "a finite number"
+    elif hi == math.inf:
+        rng = f"a number {'>' if lo_open else '>='} {lo}"
+    else:
+        rng = f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+    _require(ok, f"{key} must be {rng}{what}, got {v!r}.")
+
+
+def _check_choice(key: str, v, choices) -> None:
+    names = " or ".join([", ".join(choices[:-1]), choices[-1]]) if len(choices) > 1 else choices[0]
+    _require(isinstance(v, str) and v in choices, f"{key} must be {names}, got {v!r}."
+             + (_suggest(v, choices) if isinstance(v, str) else ""))
+
+
+def _extent(value, key, n_axes=2) -> None:
+    _require(isinstance(value, (list, tuple)) and len(value) >= n_axes,
+             f"{key} must list [[x0, x1], [y0, y1], ...], got {value!r}.")
+    for axis, name in zip(value[:n_axes], "xyz"):
+        lo, hi = _pair(axis, f"{key} ({name})")
+        _require(hi > lo, f"{key} ({name}) must have upper > lower, got {axis!r}.")
+
+
+def _check_perlin(sim: Param) -> None:
+    """``Simulation.bg_perlin_*`` (DECODE 0.9's keys): amplitudes >= 0 photons / px, one integer scale each."""
+    amp, scale = sim.bg_perlin_amplitude, sim.bg_perlin_scale
+    if amp is None:
+        return
+    amps = amp if isinstance(amp, (list, tuple)) else [amp]
+    _require(len(amps) > 0 and all(_is_finite(a) and a >= 0 for a in amps),
+             f"Simulation.bg_perlin_amplitude must be >= 0 photons / px (one value, or one per scale), got {amp!r}.")
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(amps)
+    _require(len(scales) == len(amps) and all(_is_finite(v) and int(v) == v and v >= 1 for v in scales),
+             f"Simulation.bg_perlin_scale must be an integer >= 1 (lattice cells across the frame), one per "
+             f"bg_perlin_amplitude, got {scale!r} for amplitudes {amp!r}.")
+    _require(isinstance(sim.bg_perlin_draw_amps, bool), f"Simulation.bg_perlin_draw_amps must be true or false, "
+             f"got {sim.bg_perlin_draw_amps!r}.")
+
+
+def validate(param: Param) -> None:
+    """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix.
+
+    Types, finiteness and ranges are checked here, before anything is built: a wrong value never
+    surfaces later as a bare TypeError deep inside a component. (Keys of ``VAR.loss`` and ``VAR.model``
+    are checked by the loss and the model when they are built, with the same kind of message.)
+    """
+    from decode_var.core.scales import ScaleSchedule
+
+    sim, cam, hp, var = param.Simulation, param.Camera, param.HyperParameter, param.VAR
+    img = sim.img_size
+    _require(isinstance(img, (list, tuple)) and len(img) == 2 and all(_is_finite(v) and int(v) == v and v >= 4
+                                                                      for v in img),
+             f"Simulation.img_size must be two integers >= 4 (px), got {img!r}.")
+    _extent(sim.psf_extent, "Simulation.psf_extent")
+    mu, sig = _pair(sim.intensity_mu_sig, "Simulation.intensity_mu_sig")
+    _require(mu > 0 and sig >= 0, f"Simulation.intensity_mu_sig must be [mean > 0, sd >= 0] photons, got {[mu, sig]}. "
+             "Negative photons are not physical.")
+    bg = sim.bg_uniform if isinstance(sim.bg_uniform, (list, tuple)) else [sim.bg_uniform, sim.bg_uniform]
+    _require(all(_is_finite(b) and b >= 0 for b in bg) and bg[1] >= bg[0],
+             f"Simulation.bg_uniform must be >= 0 photons / px with low <= high, got {sim.bg_uniform!r}.")
+    av = sim.emitter_av
+    if isinstance(av, (list, tuple)):
+        lo, hi = _pair(av, "Simulation.emitter_av")
+        _require(math.isfinite(hi) and 0 <= lo <= hi, f"Simulation.emitter_av as a range must be [low, high] "
+                 f"emitters per frame with 0 <= low <= high, got {av!r}.")
+    else:
+        _check_num("Simulation.emitter_av", av, 0, what=" (emitters per frame, or a range [low, high])")
+    _check_perlin(sim)
+    _check_num("VAR.bg_drift", var.bg_drift, 0, 1, what=" (relative change of the smooth background per frame)")
+    _check_num("Simulation.lifetime_avg", sim.lifetime_avg, 0, lo_open=True, what=" (frames)")
+    _require(sim.intensity_th is None or _is_finite(sim.intensity_th),
+             f"Simulation.intensity_th must be a number (photons) or empty, got {sim.intensity_th!r}.")
+    for key in ("qe", "e_per_adu", "read_sigma", "spur_noise", "baseline"):
+        _check_num(f"Camera.{key}", getattr(cam, key), 0)
+    _require(0 < cam.qe <= 1, f"Camera.qe must be in (0, 1], got {cam.qe!r}.")
+    _require(cam.e_per_adu > 0, f"Camera.e_per_adu must be > 0, got {cam.e_per_adu!r}.")
+    _require(cam.em_gain is None or (_is_finite(cam.em_gain) and cam.em_gain > 0),
+             f"Camera.em_gain must be > 0, or empty for an sCMOS camera, got {cam.em_gain!r}.")
+    _require(isinstance(cam.convert2photons, bool), f"Camera.convert2photons must be true or false, "
+             f"got {cam.convert2photons!r}.")
+    px = cam.px_size
+    _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_finite(v) and v > 0 for v in px),
+             f"Camera.px_size must be two numbers > 0 (nm per px), got {px!r}.")
+    for key in ("architecture", "loss_impl"):
+        v = getattr(hp, key)
+        _require(isinstance(v, str) and v.strip() != "", f"HyperParameter.{key} must be a name "
+                 f"(see decode_var.registry: list_models(), list_losses()), got {v!r}.")
+    _require(_is_number(hp.channels_in) and hp.channels_in in (1, 3),
+             f"HyperParameter.channels_in must be 1 or 3 (frame window), got {hp.channels_in!r}.")
+    ch_out = hp.get("channels_out")
+    if hp.architecture == "VARMultiScale":
+        _require(ch_out in (None, 6), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]) or empty for "
+                 f"VARMultiScale, got {ch_out!r}.")
+    for key in ("batch_size", "pseudo_ds_size"):
+        _check_int(f"HyperParameter.{key}", getattr(hp, key), 1)
+    _check_int("HyperParameter.epochs", hp.epochs, 0)
+    roi = hp.target_roi_size
+    _require(_is_finite(roi) and int(roi) == roi and roi >= 1 and roi % 2 == 1,
+             f"HyperParameter.target_roi_size must be an odd integer >= 1 (cells), got {roi!r}.")
+    _require(hp.emitter_label_photon_min is None or (_is_finite(hp.emitter_label_photon_min)
+                                                     and hp.emitter_label_photon_min >= 0),
+             f"HyperParameter.emitter_label_photon_min must be a number >= 0 (photons) or empty, "
+             f"got {hp.emitter_label_photon_min!r}.")
+    _check_int("HyperParameter.max_number_targets", hp.max_number_targets, 1)
+    _require(hp.optimizer in ("Adam", "AdamW"), f"HyperParameter.optimizer must be Adam or AdamW, got {hp.optimizer!r}.")
+    _require(isinstance(hp.opt_param, Param) and _is_finite(hp.opt_param.get("lr")) and hp.opt_param.lr > 0,
+             f"HyperParameter.opt_param.lr must be a number > 0, got {hp.opt_param!r}.")
+    for key in hp.opt_param.keys():
+        v = hp.opt_param.get(key)
+        _require(isinstance(v, (bool, str)) or _is_finite(v) or (isinstance(v, (list, tuple)) and all(
+                 _is_finite(x) for x in v)), f"HyperParameter.opt_param.{key} must be a finite number (or a list of "
+                 f"them, e.g. betas), got {v!r}.")
+    scheds = ("cosine", "StepLR", "ReduceLROnPlateau")
+    _require(hp.learning_rate_scheduler in scheds,
+             f"HyperParameter.learning_rate_scheduler must be one of {scheds}, got {hp.learning_rate_scheduler!r}."
+             + (_suggest(hp.learning_rate_scheduler, scheds) if isinstance(hp.learning_rate_scheduler, str) else ""))
+    hw = param.Hardware
+    _require(isinstance(hw.device, str) and hw.device.strip() != "",
+             f"Hardware.device must be a device name (cpu, cuda, cuda:0, ...), got {hw.device!r}.")
+    _require(isinstance(hw.device_simulation, str) and hw.device_simulation.strip() != "",
+             f"Hardware.device_simulation must be a device name (cpu, cuda, ...), got {hw.device_simulation!r}.")
+    _check_int("Hardware.torch_threads", hw.torch_threads, 1, 4096)
+    _check_int("Hardware.num_worker_train", hw.num_worker_train, 0, 4096)
+    _check_int("TestSet.test_size", param.TestSet.test_size, 1)
+    for key in ("calibration_file", "checkpoint_init", "experiment_out", "model_init"):
+        v = param.InOut.get(key)
+        _require(v is None or isinstance(v, str), f"InOut.{key} must be a path or empty, got {v!r}.")
+    _require(isinstance(param.InOut.experiment_out, str) and param.InOut.experiment_out.strip() != "",
+             f"InOut.experiment_out must be a folder, got {param.InOut.experiment_out!r}.")
+    _require(_is_finite(param.PostProcessingParam.raw_th) and 0 < param.PostProcessingParam.raw_th < 1,
+             f"PostProcessingParam.raw_th must be in (0, 1), got {param.PostProcessingParam.raw_th!r}.")
+    _require(param.PostProcessing in (None, "SpatialIntegration", "LookUp"),
+             f"PostProcessing must be SpatialIntegration, LookUp or empty, got {param.PostProcessing!r}.")
+    ev = param.Evaluation
+    _require(_is_number(ev.match_dims) and ev.match_dims in (2, 3),
+             f"Evaluation.match_dims must be 2 or 3, got {ev.match_dims!r}.")
+    for key in ("dist_lat", "dist_ax"):
+        v = getattr(ev, key)
+        _require(_is_number(v) and v > 0, f"Evaluation.{key} must be > 0 nm, got {v!r}.")
+    _require(ev.dist_vol is None or (_is_number(ev.dist_vol) and ev.dist_vol > 0),
+             f"Evaluation.dist_vol must be > 0 nm or empty, got {ev.dist_vol!r}.")
+    for key in ("input_scale", "phot_max", "z_max", "bg_max"):
+        v = getattr(param.Scaling, key)
+        _require(_is_number(v) and v > 0 and math.isfinite(v),
+                 f"Scaling.{key} must be > 0 (derived from Simulation when empty), got {v!r}. "
+                 f"Set it, or fix the Simulation values it is derived from.")
+    _require(_is_finite(param.Scaling.input_offset),
+             f"Scaling.input_offset must be a number (photons / px; derived from Simulation.bg_uniform when "
+             f"empty), got {param.Scaling.input_offset!r}.")
+    _check_choice("VAR.backend", var.backend, ("auto", "decode", "builtin"))
+    _check_choice("VAR.psf", var.psf, ("gaussian", "spline"))
+    _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
+    ScaleSchedule(img, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
+    g = var.gaussian_psf
+    for key in ("sigma_0", "rl_range"):
+        _check_num(f"VAR.gaussian_psf.{key}", getattr(g, key), 0, lo_open=True)
+    _check_num("VAR.gaussian_psf.foc_shift", g.foc_shift, what=" (nm)")
+    _require(isinstance(g.mode_3d, bool), f"VAR.gaussian_psf.mode_3d must be true or false, got {g.mode_3d!r}.")
+    for key in ("seed", "test_seed"):  # torch seeds must fit in 64 bits
+        v = getattr(var, key)
+        _require(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 63,
+                 f"VAR.{key} must be an integer in [0, 2^63), got {v!r}.")
+    tf = var.teacher_forcing
+    for key in ("start", "end"):
+        _check_num(f"VAR.teacher_forcing.{key}", getattr(tf, key), 0, 1, what=" (a probability)")
+    _check_int("VAR.teacher_forcing.epochs", tf.epochs, 0)
+    tr = var.train
+    _check_num("VAR.train.grad_clip", tr.grad_clip, 0, what=" (0 = off)")
+    hp = param.HyperParameter
+    grad_mod = getattr(hp, "grad_mod", None)
+    _require(grad_mod is None or isinstance(grad_mod, bool),
+             f"HyperParameter.grad_mod must be true (DECODE's gradient clipping at norm 0.03), false or empty "
+             f"(VAR.train.grad_clip applies), got {grad_mod!r}.")
+    _require(not getattr(hp, "moeller_gradient_rescale", None),
+             "HyperParameter.moeller_gradient_rescale: true is not supported by decode-var's engine. Set it to "
+             "false (DECODE's default); VAR.train.grad_clip or HyperParameter.grad_mod bound the gradients.")
+    _check_int("VAR.train.max_nonfinite_in_row", tr.max_nonfinite_in_row, 1)
+    _check_int("VAR.train.warmup_epochs", tr.warmup_epochs, 0)
+    _check_int("VAR.train.eval_every", tr.eval_every, 1)
+    _require(isinstance(tr.plot, bool), f"VAR.train.plot must be true or false, got {tr.plot!r}.")
+    if var.psf == "spline" and not param.InOut.calibration_file:
+        raise ParamError("VAR.psf is spline but InOut.calibration_file is empty. Set it to your SMAP spline "
+                         "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")
+
+
+def save_param(path: Union[str, Path], param: Union[Param, dict]) -> None:
+    """Write a param file atomically (a crash leaves the old file or the new one, never half)."""
+    from decode_var.core.atomic import atomic_write_text
+
+    data = param.to_dict() if isinstance(param, Param) else param
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

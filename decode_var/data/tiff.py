@@ -1,0 +1,241 @@
+"""Lazy TIFF frame stacks and the frame windows DECODE's ``Infer`` feeds to a model.
+
+:class:`TiffStack` opens a (multi-page, possibly larger than memory) TIFF without reading its pixels:
+contiguous uncompressed data (what tifffile and ImageJ write by default) is memory-mapped; other files
+are read page by page. ``read(start, stop)`` returns float32 frames ``(T, H, W)`` indexed like DECODE's
+frames (``[frame, x, y]`` = ``[page, row, column]``, no transposition, as DECODE's ``load_tif``).
+
+:func:`window_batches` yields batches of ``frame_window`` consecutive frames around each frame. At the
+stack ends the window is padded by repeating the first / last frame: DECODE's ``InferenceDataset`` uses
+``pad='same'`` and clamps the window's frame indices to ``[0, T - 1]`` (``SMLMDataset._get_frames``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from decode_var.core.errors import InputDataError
+
+__all__ = ["TiffStack", "window_batches", "window_indices", "read_blocks"]
+
+
+class _LogCapture(logging.Handler):
+    """Collects tifffile's logged errors (not warnings, which good files from some software trigger):
+    a truncated file often only shows up there, as a stack with fewer pages."""
+
+    def __init__(self):
+        super().__init__(level=logging.ERROR)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+class TiffStack:
+    """A TIFF stack of 2D grayscale frames, read lazily.
+
+    Args:
+        path: .tif / .tiff file.
+
+    Raises:
+        InputDataError: missing or unreadable file, truncated or corrupt data, frames that are not 2D
+            grayscale (e.g. RGB or several channels), or a stack without frames.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        import tifffile
+
+        self.path = pathlib.Path(path)
+        if not self.path.exists():
+            raise InputDataError(f"Frame file {self.path} does not exist.")
+        if not self.path.is_file():
+            raise InputDataError(f"Frame file {self.path} is not a file (give one TIFF stack).")
+        if self.path.stat().st_size == 0:
+            raise InputDataError(f"Frame file {self.path} is empty (0 bytes).")
+
+        capture = _LogCapture()
+        logger = logging.getLogger("tifffile")
+        logger.addHandler(capture)
+        try:
+            try:
+                self._tif = tifffile.TiffFile(str(self.path))
+                series = self._tif.series[0] if self._tif.series else None
+                n_pages = len(self._tif.pages)
+            except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+                raise InputDataError(f"Frame file {self.path} is not a readable TIFF ({type(err).__name__}: "
+                                     f"{err}). Is it corrupt or truncated?") from err
+        finally:
+            logger.removeHandler(capture)
+        if capture.messages:
+            self.close()
+            raise InputDataError(f"Frame file {self.path} is corrupt or truncated: tifffile reports "
+                                 f"'{capture.messages[0]}'.")
+        if series is None or n_pages == 0:
+            self.close()
+            raise InputDataError(f"Frame file {self.path} contains no images.")
+
+        self._series = series
+        shape, axes = tuple(series.shape), str(series.axes)
+        self._shape = self._frame_shape(shape, axes)
+        self.dtype = np.dtype(series.dtype)
+        self._mm = None
+        offset = series.dataoffset
+        if offset is not None:  # tifffile sets it only for contiguous, uncompressed data
+            need = offset + int(np.prod(shape)) * self.dtype.itemsize
+            size = self.path.stat().st_size
+            if size < need:
+                full = max(0, (size - offset) // (self.dtype.itemsize * self._shape[1] * self._shape[2]))
+                self.close()
+                raise InputDataError(f"Frame file {self.path} is truncated: {self._shape[0]} frames need "
+                                     f"{need} bytes, the file has {size} ({full} complete frames).")
+            self._offset = offset
+        else:
+            self._offset = None
+            if len(series.pages) != self._shape[0]:
+                self.close()
+                raise InputDataError(f"Frame file {self.path} is inconsistent: metadata says {self._shape[0]} "
+                                     f"frames, found {len(series.pages)} pages. Is it truncated?")
+
+    @staticmethod
+    def _frame_shape(shape, axes) -> Tuple[int, int, int]:
+        if "S" in axes and shape[axes.index("S")] > 1:
+            raise InputDataError(f"Frames must be 2D grayscale; this TIFF has {shape[axes.index('S')]} samples "
+                                 f"per pixel (RGB?), shape {shape} axes {axes}.")
+        if len(shape) == 2:
+            return (1, shape[0], shape[1])
+        lead = [s for s in shape[:-2]]
+        if sum(s > 1 for s in lead) > 1:
+            raise InputDataError(f"Frames must be a (T, H, W) stack of 2D frames; this TIFF has shape {shape} "
+                                 f"(axes {axes}). Save one channel / z-plane per file.")
+        t = int(np.prod(lead)) if lead else 1
+        if t == 0 or shape[-1] == 0 or shape[-2] == 0:
+            raise InputDataError(f"Frame file stack is empty (shape {shape}).")
+        return (t, int(shape[-2]), int(shape[-1]))
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(T, H, W) = (frames, size along x, size along y)."""
+        return self._shape
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    def __repr__(self) -> str:
+        return f"TiffStack({str(self.path)!r}, shape={self._shape}, dtype={self.dtype})"
+
+    def _memmap(self) -> np.ndarray:
+        if self._mm is None:
+            dtype = self.dtype.newbyteorder(self._tif.byteorder)
+            self._mm = np.memmap(self.path, dtype=dtype, mode="r", offset=self._offset, shape=self._shape)
+        return self._mm
+
+    def read(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Frames ``start .. stop - 1`` as float32 ``(stop - start, H, W)`` (python slice semantics)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        if stop <= start:
+            return np.zeros((0,) + self._shape[1:], dtype=np.float32)
+        if self._offset is not None:
+            return np.array(self._memmap()[start:stop], dtype=np.float32)
+        try:
+            frames = self._tif.asarray(key=range(start, stop), series=0)
+        except Exception as err:
+            raise InputDataError(f"Frame file {self.path}: frames {start}..{stop - 1} cannot be read "
+                                 f"({type(err).__name__}: {err}). Is the file corrupt or truncated?") from err
+        return np.asarray(frames, dtype=np.float32).reshape((stop - start,) + self._shape[1:])
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            if item.step not in (None, 1):
+                raise ValueError("TiffStack supports contiguous slices only.")
+            return self.read(item.start or 0, item.stop)
+        i = int(item)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"frame {item} out of range for {len(self)} frames")
+        return self.read(i, i + 1)[0]
+
+    def close(self) -> None:
+        self._mm = None
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+            self._tif = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def window_indices(frame_ix: torch.Tensor, n_frames: int, frame_window: int = 3) -> torch.Tensor:
+    """(B, frame_window) frame indices of the windows centred on ``frame_ix``, clamped to the stack."""
+    if frame_window < 1 or frame_window % 2 != 1:
+        raise ValueError(f"frame_window must be an odd number >= 1, got {frame_window}.")
+    half = (frame_window - 1) // 2
+    offsets = torch.arange(-half, half + 1)
+    return (frame_ix[:, None] + offsets[None, :]).clamp(0, n_frames - 1)
+
+
+def window_batches(stack, batch_size: int, frame_window: int = 3, start: int = 0,
+                   stop: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of frame windows for inference, in order.
+
+    Args:
+        stack: :class:`TiffStack`, or a (T, H, W) array / tensor.
+        batch_size: windows per batch (the last batch may be smaller).
+        frame_window: odd number of consecutive frames per window (the model's input channels).
+        start, stop: range of centre frames (default: all).
+
+    Yields:
+        (frame_ix (B,) long, frames_NCHW (B, frame_window, H, W) float32); channel ``c`` of window ``b`` is
+        frame ``clamp(frame_ix[b] + c - frame_window // 2, 0, T - 1)``: the ends repeat the first / last
+        frame, as DECODE's InferenceDataset.
+    """
+    n = len(stack)
+    for b0, b1, lo, frames_THW in read_blocks(stack, batch_size, frame_window, start, stop):
+        centre = torch.arange(b0, b1)
+        yield centre, frames_THW[window_indices(centre, n, frame_window) - lo].contiguous()
+
+
+def read_blocks(stack, batch_size: int, frame_window: int = 3, start: int = 0,
+                stop: Optional[int] = None) -> Iterator[Tuple[int, int, int, torch.Tensor]]:
+    """Blocks of consecutive frames for batches of ``batch_size`` centre frames, each frame read once.
+
+    Yields:
+        (b0, b1, lo, frames_THW): centre frames ``b0 .. b1 - 1``; ``frames_THW`` (float32) holds stack
+        frames ``lo .. lo + T - 1``, the centre frames plus the window's halo (``frame_window // 2``
+        frames on each side, clipped to the stack). Expand into windows with
+        ``frames_THW[window_indices(arange(b0, b1), n, frame_window) - lo]``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if frame_window < 1 or frame_window % 2 != 1:
+        raise ValueError(f"frame_window must be an odd number >= 1, got {frame_window}.")
+    n = len(stack)
+    start, stop, _ = slice(start, stop).indices(n)
+    half = (frame_window - 1) // 2
+    for b0 in range(start, stop, batch_size):
+        b1 = min(b0 + batch_size, stop)
+        lo, hi = max(0, b0 - half), min(n, b1 + half)
+        yield b0, b1, lo, _read(stack, lo, hi)
+
+
+def _read(stack, lo: int, hi: int) -> torch.Tensor:
+    if isinstance(stack, TiffStack):
+        return torch.from_numpy(stack.read(lo, hi))
+    if isinstance(stack, torch.Tensor):
+        return stack[lo:hi].float()
+    return torch.as_tensor(np.asarray(stack[lo:hi]), dtype=torch.float32)

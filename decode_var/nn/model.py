@@ -1,0 +1,490 @@
+"""VARMultiScale: next-scale prediction of 6-channel emitter maps, coarse to fine.
+
+The network predicts ``[p, phot, x, y, z, bg]`` on every grid of the :class:`~decode_var.core.scales.
+ScaleSchedule`, coarsest first, and each scale is conditioned on the scales before it:
+
+1. A shared conv encoder with a top-down path reads the frame window once (strides 1, 2, 4).
+2. The coarse scales (factor <= ``token_max_factor``, whole multiples of the coarsest) are token
+   grids under one transformer. A token of scale k is the encoder feature of its cell + a
+   projection of the re-centred map of scale k-1 + a scale embedding (VAR's ``lvl_embed``) + a
+   depthwise-conv position code (so any frame size works). Attention is block-causal: a token of
+   scale k sees the tokens of scales <= k in its window (VAR's ``attn_bias_for_masking``).
+3. Finer and super-resolved scales refine with convolutions on their own grid, from the encoder
+   features, the upsampled hidden state of scale k-1 and the re-centred map of scale k-1.
+4. A 1x1 head per scale gives the 6 channels.
+
+The map a finer scale is conditioned on is the prediction of the coarser scale (p through a
+sigmoid, detached: no gradient flows from a fine loss into a coarse prediction, as with VAR's
+token inputs), or, with teacher forcing, the coarser ground-truth target. With all samples of a
+batch teacher-forced, the token scales run in one pass under the block mask (VAR's training
+mode); otherwise scale by scale with a key/value cache (VAR's inference mode). Both are exact.
+
+Units (network units, :class:`~decode_var.data.targets.TargetRescale`), the same for outputs, targets
+and conditioning maps of every scale: p logit (train) or probability (eval); phot /
+Scaling.phot_max; x, y offsets from the cell centre in **cells of that scale** (input px / cell
+size); z / Scaling.z_max; bg / Scaling.bg_max. A map handed from scale k-1 to scale k is converted
+to scale k's cells by :func:`~decode_var.nn.blocks.recentre`, nowhere else.
+Every channel but p is a linear output, so targets outside [-1, 1]
+stay reachable; the heads start small, which keeps the start stable.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decode_var.core.errors import CheckpointError, ParamError, ShapeError
+from decode_var.nn.blocks import (FrameEncoder, RefineStage, ScaleTransformer, WindowLayout,
+                           recentre, recentre_upsample, resample)
+from decode_var.core.scales import ScaleSchedule
+
+CONDITIONING = ("next_scale", "independent", "single")
+#: Version of what a VARMultiScale checkpoint means. 2: conditioning offsets in cells of each scale
+#: (decode-var 0.2); a format-1 checkpoint loads without a shape error but predicts differently.
+_EXTRA_STATE_FORMAT = 2
+
+
+def _activation_class(name: Union[str, type]) -> type[nn.Module]:
+    if isinstance(name, type) and issubclass(name, nn.Module):
+        return name
+    cls = getattr(nn, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ParamError(f"HyperParameter.arch_param.activation = {name!r} is not a torch.nn activation; "
+                         f"use e.g. ELU, ReLU, GELU or SiLU.")
+    return cls
+
+
+def _size_multiple(factors: Sequence[float]) -> int:
+    """Smallest frame size step (px) for which every factor gives a whole number of cells."""
+    return math.lcm(*(Fraction(f).limit_denominator(1024).denominator for f in factors))
+
+
+class VARMultiScale(nn.Module):
+    """Next-scale-prediction emitter model with DECODE's model interface.
+
+    Args:
+        channels_in: frames in the input window (DECODE's ``HyperParameter.channels_in``, 1 or 3).
+        schedule: the output scales; its ``input_shape`` is the training frame size.
+        features: conv channels of the encoder at stride 1 (x2 per level).
+        token_dim: transformer width.
+        depth: transformer blocks.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / token_dim.
+        token_max_factor: scales with a factor up to this (and a whole multiple of the coarsest
+            factor) are transformer tokens; finer ones are refined by convolutions.
+        window: attention window, at most this many coarsest-scale cells per side.
+        conditioning: ``next_scale`` (the model), ``independent`` (ablation: every scale has its
+            own head on the shared encoder, no coarse-to-fine path, attention within a scale
+            only), ``single`` (ablation: only the finest scale is built and predicted).
+        teacher_forcing, teacher_forcing_end, teacher_forcing_epochs: probability that a
+            training sample is conditioned on coarser ground truth instead of predictions;
+            linear from ``teacher_forcing`` at epoch 0 to ``teacher_forcing_end`` at
+            ``teacher_forcing_epochs`` (0: always ``teacher_forcing_end``); see :meth:`set_epoch`.
+            The current value is the attribute ``teacher_forcing``.
+        p_init: initial emitter probability per finest-grid cell (expected emitter density); each
+            scale's p bias is set to the probability that one of its (larger) cells holds an emitter.
+        detach_condition: stop gradients through the predicted maps fed to finer scales.
+        activation: conv non-linearity, a ``torch.nn`` name or class.
+        head_init_scale: factor on the default init of the 1x1 output heads.
+        seed: seeds the teacher-forcing coin (``tf_generator``); None = the global torch RNG.
+    """
+
+    def __init__(self, channels_in: int, schedule: ScaleSchedule, *, features: int = 48, token_dim: int = 96,
+                 depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, token_max_factor: float = 0.25,
+                 window: int = 8, conditioning: str = "next_scale", teacher_forcing: float = 1.0,
+                 teacher_forcing_end: float = 0.0, teacher_forcing_epochs: float = 20, p_init: float = 0.01,
+                 detach_condition: bool = True, activation: Union[str, type] = "ELU",
+                 head_init_scale: float = 0.1, seed: Optional[int] = None):
+        super().__init__()
+        # 0. hyperparameters and the scales this instance predicts
+        if conditioning not in CONDITIONING:
+            raise ParamError(f"VAR.model.conditioning = {conditioning!r}; use one of {list(CONDITIONING)}.")
+        if not (isinstance(channels_in, int) and channels_in >= 1):
+            raise ParamError(f"HyperParameter.channels_in = {channels_in!r}; use 1 or 3 (frames in the window).")
+        if not 0.0 < p_init < 1.0:
+            raise ParamError(f"VAR.model.p_init = {p_init!r} must lie in (0, 1).")
+        act = _activation_class(activation)
+        self.channels_in = channels_in
+        self.conditioning = conditioning
+        self.conditioned = conditioning == "next_scale"
+        self.detach_condition = detach_condition
+        self.window = int(window)
+        self.tf_schedule = (float(teacher_forcing), float(teacher_forcing_end), float(teacher_forcing_epochs))
+        self.teacher_forcing = self.teacher_forcing_at(0)
+        self.tf_generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if conditioning == "single":
+            schedule = ScaleSchedule(schedule.input_shape, [schedule.finest.factor],
+                                     schedule.xextent, schedule.yextent)
+        self.schedule = schedule
+        factors = schedule.factors
+
+        # 1. shared frame encoder, strides 1, 2, 4 whatever the scales, so that every variant
+        #    (the 'single' ablation included) has the same receptive field
+        self._n_levels = 3
+        self.encoder = FrameEncoder(channels_in, features, self._n_levels, act)
+        self._level = [0 if f >= 1 else min(self._n_levels - 1, int(math.floor(math.log2(1 / f) + 1e-9)))
+                       for f in factors]
+        self._pad_multiple = math.lcm(_size_multiple(factors), self.encoder.stride)
+
+        # 2. token scales: coarse grids under the block-causal transformer
+        n_tok = 0
+        for f in factors:
+            ratio = f / factors[0]
+            if f <= token_max_factor + 1e-12 and abs(ratio - round(ratio)) < 1e-9:
+                n_tok += 1
+            else:
+                break
+        self.n_token_scales = n_tok
+        # attention windows of the training frame, kept on frames of any size (see WindowLayout)
+        self._win0 = WindowLayout.balanced_window(self._out_shape(0, self.padded_shape(schedule.input_shape)),
+                                                  self.window) if n_tok else None
+        self._ratios = [int(round(f / factors[0])) for f in factors[:n_tok]]
+        widths = self.encoder.widths
+        self.token_proj = nn.ModuleList(nn.Conv2d(widths[self._level[k]], token_dim, 1) for k in range(n_tok))
+        self.token_cond = nn.ModuleList(nn.Conv2d(6, token_dim, 1)
+                                        for _ in range(n_tok - 1 if self.conditioned else 0))
+        if n_tok:
+            # 3. scale embedding (VAR's lvl_embed) and a conv position code per token scale
+            self.lvl_embed = nn.Embedding(n_tok, token_dim)
+            nn.init.trunc_normal_(self.lvl_embed.weight, std=0.02)
+            self.token_pos = nn.ModuleList(nn.Conv2d(token_dim, token_dim, 3, padding=1, groups=token_dim)
+                                           for _ in range(n_tok))
+            # 4. windowed block-causal transformer
+            self.transformer = ScaleTransformer(token_dim, depth, heads, mlp_ratio, causal=self.conditioned)
+
+        # 5. conv refinement of the finer / super-resolved scales
+        self.refine = nn.ModuleList()
+        prev_width = token_dim if n_tok else None
+        for k in range(n_tok, len(factors)):
+            # full width on the finest grid up to 1x; half width on super-resolved grids and on the
+            # intermediate grids, whose maps only condition the next scale (profiled: the
+            # intermediate 1x stage at full width cost as much as the whole finest stage)
+            final = k == len(factors) - 1
+            width = features if (final and factors[k] <= 1) else max(8, features // 2)
+            self.refine.append(RefineStage(widths[self._level[k]], prev_width, width, self.conditioned, act))
+            prev_width = width
+
+        # 6. one 1x1 head per scale -> [p, phot, x, y, z, bg]
+        head_in = [token_dim] * n_tok + [stage.width for stage in self.refine]
+        self.heads = nn.ModuleList(nn.Conv2d(c, 6, 1) for c in head_in)
+
+        self._init_weights(p_init, head_init_scale)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _init_weights(self, p_init: float, head_init_scale: float) -> None:
+        for name, m in self.named_modules():
+            if name.startswith("transformer") or name.startswith("heads"):
+                continue
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        # the p bias starts at the expected share of occupied cells of each scale
+        lam_finest = -math.log1p(-p_init)
+        f_finest = self.schedule.finest.factor
+        for head, f in zip(self.heads, self.schedule.factors):
+            head.weight.data.mul_(head_init_scale)
+            nn.init.zeros_(head.bias)
+            p_k = -math.expm1(-lam_finest * (f_finest / f) ** 2)
+            p_k = min(max(p_k, 1e-6), 1 - 1e-6)
+            head.bias.data[0] = math.log(p_k) - math.log1p(-p_k)
+
+    @classmethod
+    def parse(cls, param) -> "VARMultiScale":
+        """Build from a loaded param: ``HyperParameter.channels_in``, ``HyperParameter.arch_param``
+        (``initial_features``, ``activation`` where set), ``VAR.scales`` (via ScaleSchedule),
+        ``VAR.model.*``, ``VAR.teacher_forcing.*`` and, for the default ``p_init``,
+        ``Simulation.emitter_av``."""
+        hp = param.HyperParameter
+        var = getattr(param, "VAR", None)
+        vm = _section(var, "model")
+        tf = _section(var, "teacher_forcing")
+        arch = getattr(hp, "arch_param", None)
+        schedule = ScaleSchedule.parse(param)
+
+        features = _get(arch, "initial_features")
+        if features is None:
+            features = _get(vm, "features", 48)
+        _check_int("VAR.model.features", features, 1)
+        token_dim = _get(vm, "token_dim", 96)
+        depth = _get(vm, "depth", 2)
+        heads = _get(vm, "heads", 4)
+        _check_int("VAR.model.token_dim", token_dim, 1)
+        _check_int("VAR.model.depth", depth, 1)
+        _check_int("VAR.model.heads", heads, 1)
+        if token_dim % heads:
+            raise ParamError(f"VAR.model.token_dim = {token_dim} is not divisible by VAR.model.heads = {heads}; "
+                             f"pick e.g. token_dim {heads * max(1, round(token_dim / heads))}.")
+        mlp_ratio = _get(vm, "mlp_ratio", 2.0)
+        _check_number("VAR.model.mlp_ratio", mlp_ratio, 0.0, open_low=True)
+        token_max_factor = _get(vm, "token_max_factor", 0.25)
+        _check_number("VAR.model.token_max_factor", token_max_factor, 0.0)
+        window = _get(vm, "window", 8)
+        _check_int("VAR.model.window", window, 1)
+        conditioning = _get(vm, "conditioning", "next_scale")
+        if conditioning not in CONDITIONING:
+            raise ParamError(f"VAR.model.conditioning = {conditioning!r}; use one of {list(CONDITIONING)}.")
+        detach = _get(vm, "detach_condition", True)
+        if not isinstance(detach, bool):
+            raise ParamError(f"VAR.model.detach_condition = {detach!r} must be true or false.")
+
+        tf_start = _get(tf, "start", 1.0)
+        tf_end = _get(tf, "end", 0.0)
+        tf_epochs = _get(tf, "epochs", 20)
+        _check_number("VAR.teacher_forcing.start", tf_start, 0.0, 1.0)
+        _check_number("VAR.teacher_forcing.end", tf_end, 0.0, 1.0)
+        _check_number("VAR.teacher_forcing.epochs", tf_epochs, 0.0)
+
+        p_init = _get(vm, "p_init")
+        if p_init is None:
+            sim = getattr(param, "Simulation", None)
+            emitter_av = _get(sim, "emitter_av")
+            if isinstance(emitter_av, (list, tuple)):  # a range [low, high] drawn per sample: its mean
+                emitter_av = sum(emitter_av) / len(emitter_av)
+            cells = schedule.finest.img_shape[0] * schedule.finest.img_shape[1]
+            # Poisson: the share of finest cells that hold at least one emitter
+            p_init = -math.expm1(-float(emitter_av) / cells) if emitter_av else 0.01
+        _check_number("VAR.model.p_init", p_init, 0.0, 1.0, open_low=True, open_high=True)
+
+        activation = _get(arch, "activation") or "ELU"
+        seed = _get(var, "seed")
+        return cls(hp.channels_in, schedule, features=int(features), token_dim=int(token_dim), depth=int(depth),
+                   heads=int(heads), mlp_ratio=float(mlp_ratio), token_max_factor=float(token_max_factor),
+                   window=int(window), conditioning=conditioning, teacher_forcing=float(tf_start),
+                   teacher_forcing_end=float(tf_end), teacher_forcing_epochs=float(tf_epochs),
+                   p_init=float(p_init), detach_condition=detach, activation=activation,
+                   seed=int(seed) if isinstance(seed, int) else None)
+
+    # ------------------------------------------------------------------ teacher forcing
+    def teacher_forcing_at(self, epoch: float) -> float:
+        """Teacher-forcing probability of the schedule at ``epoch`` (linear ramp, then constant)."""
+        start, end, epochs = self.tf_schedule
+        if epochs <= 0:
+            return end
+        return start + (end - start) * min(max(epoch, 0.0) / epochs, 1.0)
+
+    def set_epoch(self, epoch: float) -> None:
+        """Set ``teacher_forcing`` from the schedule (the engine calls this once per epoch)."""
+        self.teacher_forcing = self.teacher_forcing_at(epoch)
+
+    def _teacher_coin(self, N: int, device) -> Optional[torch.Tensor]:
+        """(N,) bool: which samples condition on ground truth; None when none can."""
+        tf = float(self.teacher_forcing)
+        if tf <= 0.0:
+            return None
+        if tf >= 1.0:
+            return torch.ones(N, dtype=torch.bool, device=device)
+        # one coin per sample; drawn on the CPU so that the stream is the same on every device
+        return (torch.rand(N, generator=self.tf_generator) < tf).to(device)
+
+    # ------------------------------------------------------------------ shapes
+    def padded_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Frame size the network runs on: the next multiple of the encoder stride and of every
+        factor's denominator (frames are zero-padded at the high-x / high-y border, then cropped)."""
+        m = self._pad_multiple
+        return tuple(int(math.ceil(s / m) * m) for s in shape)
+
+    def _out_shape(self, k: int, shape: Sequence[int]) -> Optional[tuple[int, int]]:
+        f = Fraction(self.schedule[k].factor).limit_denominator(1024)
+        cells = [f * s for s in shape]
+        if any(c.denominator != 1 for c in cells):
+            return None
+        return int(cells[0]), int(cells[1])
+
+    def _check_frames(self, frames_NCHW: torch.Tensor) -> None:
+        if frames_NCHW.dim() != 4 or frames_NCHW.shape[1] != self.channels_in:
+            raise ShapeError(f"VARMultiScale expects frames (N, {self.channels_in}, size_x, size_y) "
+                             f"(HyperParameter.channels_in = {self.channels_in}); got {tuple(frames_NCHW.shape)}.")
+
+    def _size_error(self, shape, ks) -> ShapeError:
+        bad = [k for k in ks if self._out_shape(k, shape) is None]
+        step = _size_multiple([self.schedule[k].factor for k in ks])
+        return ShapeError(
+            f"frame size {shape[0]} x {shape[1]} px does not fit the output scale(s) "
+            f"{[self.schedule[k].factor for k in bad]}: factor x size must be a whole number of cells. "
+            f"Frame sizes that work are multiples of {step} px.")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, frames_NCHW: torch.Tensor, targets: Optional[Sequence[torch.Tensor]] = None,
+                n_active: Optional[int] = None):
+        """Train mode: list of raw (N, 6, h_k, w_k) maps, k = 0 .. n_active - 1, p as logits.
+        Eval mode: (N, 6, H', W') of the finest active scale with p in [0, 1].
+
+        Args:
+            frames_NCHW: (N, channels_in, size_x, size_y) frames (DECODE's scaled input).
+            targets: optional per-scale ground truth (N, 6, h_k, w_k) in normalised units, for
+                teacher forcing (used in train mode only; scales 0 .. n_active - 2 are read).
+            n_active: number of coarsest scales to compute (default all); scales beyond it are
+                not computed. With ``conditioning='single'`` there is one scale.
+        """
+        if self.training:
+            return self.predict_scales(frames_NCHW, targets, n_active)
+        logits = self.predict_scales(frames_NCHW, None, n_active, only_last=True)[-1]
+        return torch.cat([torch.sigmoid(logits[:, :1]), logits[:, 1:]], dim=1)
+
+    def predict_scales(self, frames_NCHW: torch.Tensor, targets: Optional[Sequence[torch.Tensor]] = None,
+                       n_active: Optional[int] = None, only_last: bool = False) -> list[torch.Tensor]:
+        """Raw maps of scales 0 .. n_active - 1 (p as logits), in any mode. Teacher forcing applies
+        when ``targets`` are given and the module is training. ``only_last``: only the last map
+        must be croppable to the frame size (coarser ones are then returned on the padded grid)."""
+        self._check_frames(frames_NCHW)
+        n = len(self.schedule) if n_active is None else max(1, min(int(n_active), len(self.schedule)))
+        N = frames_NCHW.shape[0]
+        shape = tuple(frames_NCHW.shape[-2:])
+        crop_ks = [n - 1] if only_last else list(range(n))
+        if any(self._out_shape(k, shape) is None for k in crop_ks):
+            raise self._size_error(shape, crop_ks)
+        padded = self.padded_shape(shape)
+        grids = [self._out_shape(k, padded) for k in range(n)]
+        x = F.pad(frames_NCHW, (0, padded[1] - shape[1], 0, padded[0] - shape[0]))
+
+        force = None
+        gt = None
+        if targets is not None and self.training and self.conditioned and n > 1:
+            gt = self._padded_targets(targets, n - 1, N, shape, grids)
+            force = self._teacher_coin(N, x.device)
+
+        feats = self.encoder(x)
+        outs: list[torch.Tensor] = []
+        hidden = None
+
+        # token scales: one pass when no token input depends on a prediction, else scale by scale
+        n_tok = min(self.n_token_scales, n)
+        if n_tok:
+            layout = WindowLayout(grids[0], self._ratios[:n_tok], self.window, x.device, win0=self._win0)
+            parallel = (not self.conditioned) or n_tok == 1 or (force is not None and bool(force.all()))
+            if parallel:
+                tokens = [layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
+                          for k in range(n_tok)]
+                ys = self.transformer.forward_parallel(tokens, layout, N)
+                for k in range(n_tok):
+                    hidden = layout.merge(ys[k], self._ratios[k], N)
+                    outs.append(self.heads[k](hidden).float())
+            else:
+                cache = self.transformer.start_cache()
+                for k in range(n_tok):
+                    t = layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
+                    hidden = layout.merge(self.transformer.forward_step(t, k, cache, layout, N),
+                                          self._ratios[k], N)
+                    outs.append(self.heads[k](hidden).float())
+
+        for k in range(n_tok, n):
+            stage = self.refine[k - self.n_token_scales]
+            feat = feats[self._level[k]]
+            if stage.conditioned:
+                coarse, shift = recentre(self._condition_source(k, gt, force, outs), grids[k],
+                                         self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
+                hidden = stage(feat, grids[k], hidden, coarse, shift)
+            else:
+                hidden = stage(feat, grids[k])
+            outs.append(self.heads[k](hidden).float())
+
+        cropped = []
+        for k, o in enumerate(outs):
+            size = self._out_shape(k, shape)
+            cropped.append(o[..., :size[0], :size[1]] if size is not None and size != tuple(o.shape[-2:]) else o)
+        return cropped
+
+    def _token_input(self, k, feats, grids, gt, force, outs) -> torch.Tensor:
+        t = self.token_proj[k](resample(feats[self._level[k]], grids[k]))
+        t = t + self.lvl_embed.weight[k].to(t.dtype)[None, :, None, None]
+        if self.conditioned and k > 0:
+            t = t + self.token_cond[k - 1](self._condition(k, grids, gt, force, outs))
+        return t + self.token_pos[k](t)
+
+    def _condition(self, k: int, grids, gt, force, outs) -> torch.Tensor:
+        """The map scale ``k`` is conditioned on: scale k-1 (prediction or ground truth) on grid k, in
+        scale k's network units (x, y offsets in cells of scale k from each cell's centre)."""
+        # offsets: cells of scale k-1 in, cells of scale k out (the units of scale k's own target)
+        return recentre_upsample(self._condition_source(k, gt, force, outs), grids[k],
+                                 self.schedule[k - 1].cell_size, self.schedule[k].cell_size)
+
+    def _condition_source(self, k: int, gt, force, outs) -> torch.Tensor:
+        """Scale k-1's map on its own grid (prediction, p through a sigmoid, or ground truth), in
+        its network units."""
+        if force is not None and bool(force.all()):
+            src = gt[k - 1]
+        else:
+            logits = outs[k - 1]
+            src = torch.cat([torch.sigmoid(logits[:, :1]), logits[:, 1:]], dim=1)
+            if self.detach_condition:
+                src = src.detach()
+            if force is not None:
+                src = torch.where(force[:, None, None, None], gt[k - 1], src)
+        return src
+
+    def _padded_targets(self, targets, n_needed, N, shape, grids) -> list[torch.Tensor]:
+        if len(targets) < n_needed:
+            raise ShapeError(f"teacher forcing needs targets for the {n_needed} coarsest scale(s), "
+                             f"got {len(targets)}.")
+        out = []
+        for k in range(n_needed):
+            t = targets[k]
+            want = (N, 6) + self._out_shape(k, shape)
+            if tuple(t.shape) != want:
+                raise ShapeError(f"target of scale {k} ({self.schedule[k].name}) has shape {tuple(t.shape)}, "
+                                 f"expected {want}.")
+            g = grids[k]
+            out.append(F.pad(t.float(), (0, g[1] - t.shape[-1], 0, g[0] - t.shape[-2])))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _config(self) -> dict:
+        return {"format": _EXTRA_STATE_FORMAT, "channels_in": self.channels_in,
+                "factors": [float(f) for f in self.schedule.factors], "conditioning": self.conditioning}
+
+    def get_extra_state(self) -> dict:
+        return self._config()
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, Mapping):
+            raise CheckpointError("the checkpoint's VARMultiScale configuration record is unreadable; "
+                                  "the file is not a VARMultiScale state_dict of this version.")
+        mine = self._config()
+        if state.get("format", 1) != mine["format"]:
+            raise CheckpointError(
+                f"checkpoint was written by an earlier decode-var (VARMultiScale format {state.get('format', 1)}, "
+                f"this version reads format {mine['format']}): the units of the coarse-to-fine conditioning "
+                "changed, so its weights would predict wrongly. Retrain the model with this version, or fit "
+                "with the decode-var version it was trained with.")
+        for key in ("channels_in", "factors", "conditioning"):
+            if key in state and state[key] != mine[key]:
+                raise CheckpointError(
+                    f"checkpoint was trained with {key} = {state[key]!r}, this model has {mine[key]!r}. "
+                    f"Build the model from the param file the checkpoint was trained with "
+                    f"(HyperParameter.channels_in, VAR.scales, VAR.model.conditioning).")
+
+
+def _section(parent, key):
+    if parent is None:
+        return None
+    if isinstance(parent, Mapping):
+        return parent.get(key)
+    return getattr(parent, key, None)
+
+
+def _get(section, key, default=None):
+    value = _section(section, key)
+    return default if value is None else value
+
+
+def _check_int(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ParamError(f"{key} = {value!r} must be a whole number >= {low}.")
+
+
+def _check_number(key: str, value, low: float, high: float = math.inf, open_low: bool = False,
+                  open_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
+        raise ParamError(f"{key} = {value!r} must be a number in {lo}{low}, {high}{hi}.")
+
+
+MODELS = {"VARMultiScale": VARMultiScale}
