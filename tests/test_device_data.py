@@ -1,0 +1,205 @@
+"""CPU batches stay bit for bit what they were, and the data path is reproducible on its device.
+
+The digests below are SHA-256 (first 16 hex digits) of seeded CPU batches -- frames, emitters,
+background -- and of the multi-scale targets and weights built from them, recorded on the commit
+before the simulation and the targets learned to run on ``Hardware.device_simulation`` (issue 16).
+Any change of the CPU data path, however small, changes a digest.
+
+Bit-exact values depend on the torch build and the CPU's vector instructions, so the literals are
+only checked under the torch version they were recorded with (``RECORDED_WITH``); elsewhere the
+test is skipped with the command that prints the digests of the current code:
+``python tests/test_device_data.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "decode_var" / "config" / "var_quickstart.yaml"
+RECORDED_WITH = {"torch": "2.13", "machine": "x86_64"}
+
+SEEDS = (0, 1, 123456789)
+N_SAMPLES = 8
+SAMPLE_SEEDS = (11, 12, 13)
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """First 16 hex digits of the SHA-256 of the tensors' dtype, shape and bytes (moved to the CPU)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def batch_digests(batch, targets) -> dict:
+    """Digest of every field of a batch and of its targets and weights (all scales)."""
+    n = batch.frames_NCHW.size(0)
+    tg, wg = targets(batch.em, batch.bg_NHW, n)
+    em, em_all = batch.em, batch.em_all
+    return {"frames_NCHW": digest(batch.frames_NCHW), "xyz": digest(em.xyz), "phot": digest(em.phot),
+            "frame_ix": digest(em.frame_ix), "id": digest(em.id), "bg_NHW": digest(batch.bg_NHW),
+            "bg_NCHW": digest(batch.bg_NCHW),
+            "em_all": digest(em_all.xyz, em_all.phot, em_all.frame_ix, em_all.id),
+            "targets": digest(*tg), "weights": digest(*wg)}
+
+
+def quickstart_param(device: str = "cpu"):
+    from decode_var.config.param import load_param
+
+    param = load_param(QUICKSTART)
+    param.Hardware.device_simulation = device
+    return param
+
+
+def rich_param(tmp: Path, device: str = "cpu"):
+    """40 x 40 px, Perlin background (two scales, drawn amplitudes, drift), a density range, a spline PSF."""
+    from decode_var.config.param import param_from_dict
+    from decode_var.data.spline_psf import gaussian_pixel_model, make_calibration, save_calibration
+
+    calib = tmp / "calib_gauss.mat"
+    if not calib.exists():
+        save_calibration(calib, make_calibration(gaussian_pixel_model(), roi_size=13,
+                                                 z_range_nm=(-800.0, 800.0), dz_nm=100.0))
+    d = quickstart_param().to_dict()
+    d["Simulation"].update(bg_perlin_amplitude=[30.0, 10.0], bg_perlin_scale=[4, 8], bg_perlin_draw_amps=True,
+                           emitter_av=[2.0, 10.0], emitter_extent=[[-0.5, 39.5], [-0.5, 39.5], [-700.0, 700.0]])
+    d["VAR"].update(psf="spline", bg_drift=0.3)
+    d["InOut"]["calibration_file"] = str(calib)
+    d["Hardware"]["device_simulation"] = device
+    return param_from_dict(d)
+
+
+def compute(param) -> dict:
+    """Digests of ``sample(N_SAMPLES, seed)`` for SEEDS and of ``sample_seeded(SAMPLE_SEEDS)``."""
+    from decode_var.backend import get_backend
+    from decode_var.data.simulation import Simulator
+    from decode_var.data.targets import MultiScaleTargets
+
+    sim = Simulator.parse(param)
+    targets = MultiScaleTargets.parse(param, get_backend("builtin"))
+    out = {f"sample({N_SAMPLES}, {s})": batch_digests(sim.sample(N_SAMPLES, s), targets) for s in SEEDS}
+    out[f"sample_seeded{SAMPLE_SEEDS}"] = batch_digests(sim.sample_seeded(list(SAMPLE_SEEDS)), targets)
+    return out
+
+
+# recorded on commit 890067d (before issue 16), torch 2.13.0 CPU, x86_64, 2 threads
+EXPECTED = {'quickstart': {'sample(8, 0)': {'bg_NCHW': 'e9b732786a9bf9c0',
+                                            'bg_NHW': 'f32498e78ac816ae',
+                                            'em_all': '4ccc98db54c9b5f2',
+                                            'frame_ix': 'eaa03358ecfb8c13',
+                                            'frames_NCHW': '3bd6b8ca1e5e0f20',
+                                            'id': '96fbd34ab24a48c7',
+                                            'phot': '67963764a641607c',
+                                            'targets': '79e245e8a0dfa9a9',
+                                            'weights': '38463ec0059170cc',
+                                            'xyz': '199491a752695f9f'},
+                           'sample(8, 1)': {'bg_NCHW': '337573df7ba36edd',
+                                            'bg_NHW': '004eed53dcc985ed',
+                                            'em_all': '5494e31372b17d24',
+                                            'frame_ix': 'e69c39f563ffcf4c',
+                                            'frames_NCHW': '1994e664d647f52c',
+                                            'id': 'ebd2caef36b938f4',
+                                            'phot': 'b0878052e45cc28a',
+                                            'targets': '85a8f5f1b3121098',
+                                            'weights': '451f5c16266c0e36',
+                                            'xyz': 'cd2beccf78c79540'},
+                           'sample(8, 123456789)': {'bg_NCHW': '685c84470054f41a',
+                                                    'bg_NHW': 'f7dadc82260d13e0',
+                                                    'em_all': '4c723414b1aece4e',
+                                                    'frame_ix': 'a2dfccf6283a64da',
+                                                    'frames_NCHW': '1efa67eda4d7858d',
+                                                    'id': 'a265dfae1794dd5e',
+                                                    'phot': '1b311efe9472f433',
+                                                    'targets': '1a6033e5df976e8f',
+                                                    'weights': 'f7149973ff8a584a',
+                                                    'xyz': 'ecfc5b44b7cacae7'},
+                           'sample_seeded(11, 12, 13)': {'bg_NCHW': '85006149b46932d1',
+                                                         'bg_NHW': '7f756e51064740ad',
+                                                         'em_all': '06bddda77109ab51',
+                                                         'frame_ix': 'b0e2c69e04f193cd',
+                                                         'frames_NCHW': '85a15adaa123df33',
+                                                         'id': '576aa83a3fe39942',
+                                                         'phot': '22481466d364ebb0',
+                                                         'targets': 'c03099e328dad0d6',
+                                                         'weights': '3389afaeaa9fe3cc',
+                                                         'xyz': '64495951a2b55909'}},
+            'rich': {'sample(8, 0)': {'bg_NCHW': '9b7ae9d59d30225e',
+                                      'bg_NHW': '1474300bcb84b114',
+                                      'em_all': 'c8408f1dc7a20da1',
+                                      'frame_ix': '71b75bdfb487109d',
+                                      'frames_NCHW': 'a708c7de0b0ace50',
+                                      'id': 'd12063fc85ba9786',
+                                      'phot': 'b8af0c555fc5cda8',
+                                      'targets': '0c866c1a91dbb806',
+                                      'weights': 'c35b931f97f9375e',
+                                      'xyz': '9c39d22553ccdeb6'},
+                     'sample(8, 1)': {'bg_NCHW': '85cc2baf48576cc7',
+                                      'bg_NHW': 'e583ba41ffc3bf91',
+                                      'em_all': 'ebff7bf81c336b00',
+                                      'frame_ix': '14db4c3ee0b5fd30',
+                                      'frames_NCHW': '53aeff9bff96a380',
+                                      'id': 'df3b3a9e13194ee6',
+                                      'phot': 'f2c449fa865d79d6',
+                                      'targets': 'c41546e3533457ef',
+                                      'weights': 'e63e90e7750a54d3',
+                                      'xyz': '8a049b159cebc8a3'},
+                     'sample(8, 123456789)': {'bg_NCHW': '9624acbe2b140ce1',
+                                              'bg_NHW': '4239af4f9bffcbb6',
+                                              'em_all': '8ed567885e6ef678',
+                                              'frame_ix': 'f1a4f6970a54897e',
+                                              'frames_NCHW': '6ed4c9171af7f587',
+                                              'id': 'b58d9377510cf991',
+                                              'phot': '0909cd3a78acd1d3',
+                                              'targets': '284aa16af0d67a68',
+                                              'weights': '665a7e76b0785314',
+                                              'xyz': '324401e5c8e741e0'},
+                     'sample_seeded(11, 12, 13)': {'bg_NCHW': 'da11240dd5eba232',
+                                                   'bg_NHW': '96284ae5bc8b6aea',
+                                                   'em_all': '24e24822e025eca1',
+                                                   'frame_ix': 'c8ab8cc6eef4c6a1',
+                                                   'frames_NCHW': '95069dca29520c69',
+                                                   'id': '8e69da433ea95649',
+                                                   'phot': 'bf4dba3567fbc2f8',
+                                                   'targets': '61a27aa1f990fd7c',
+                                                   'weights': '0aa8f241664edc32',
+                                                   'xyz': 'e4d60cb28e971293'}}}
+
+
+def _recorded_here() -> bool:
+    return (torch.__version__.startswith(RECORDED_WITH["torch"])
+            and platform.machine() == RECORDED_WITH["machine"])
+
+
+def _check(got: dict, expected: dict) -> None:
+    if not _recorded_here():
+        pytest.skip(f"digests recorded with torch {RECORDED_WITH['torch']} on {RECORDED_WITH['machine']}, "
+                    f"this is torch {torch.__version__} on {platform.machine()}; "
+                    "print the current ones with: python tests/test_device_data.py")
+    bad = {f"{k} {f}": (v, expected[k][f]) for k, row in got.items() for f, v in row.items() if v != expected[k][f]}
+    assert not bad, f"CPU batches changed (got, recorded): {bad}"
+
+
+def test_cpu_batches_unchanged_quickstart():
+    _check(compute(quickstart_param()), EXPECTED["quickstart"])
+
+
+def test_cpu_batches_unchanged_perlin_density_range_spline(tmp_path):
+    _check(compute(rich_param(tmp_path)), EXPECTED["rich"])
+
+
+if __name__ == "__main__":  # print the digests of the current code, in EXPECTED's form
+    import pprint
+    import tempfile
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as d:
+        pprint.pprint({"quickstart": compute(quickstart_param()), "rich": compute(rich_param(Path(d)))},
+                      width=120, stream=sys.stdout)
