@@ -1,12 +1,15 @@
-"""Run every benchmark and write its table into README.md, so the tables are regenerated, not hand-edited.
+"""Run every benchmark and write its table into the docs, so the tables are regenerated, not hand-edited.
 
     python benchmarks/run_all.py [--quick] [--only data model stability quality quality_density reliability ddp gpu]
+    python benchmarks/run_all.py --check     # every table's markers are in place; runs nothing
 
 ``gpu`` needs a CUDA device and runs only when named.
 
-Each table sits between ``<!-- BEGIN bench:NAME -->`` and ``<!-- END bench:NAME -->`` in README.md,
-with the exact command that produced it. ``--quick`` uses short settings (smoke run, a few minutes in
-all); the README's figures come from the default settings unless the table's command says otherwise.
+Each table sits between ``<!-- BEGIN bench:NAME -->`` and ``<!-- END bench:NAME -->`` in the file that
+``TARGETS`` names (docs/benchmarks.md, or docs/training.md for reliability and DDP), with the exact
+command that produced it; the text around the markers is left alone. ``--quick`` uses short settings
+(smoke run, a few minutes in all); the docs' figures come from the default settings unless the table's
+command says otherwise.
 """
 from __future__ import annotations
 
@@ -44,6 +47,18 @@ BENCHES = {
 }
 DEFAULT = [name for name in BENCHES if name != "gpu"]
 
+# where each table lives, relative to the repository root
+TARGETS = {
+    "data": "docs/benchmarks.md",
+    "model": "docs/benchmarks.md",
+    "stability": "docs/benchmarks.md",
+    "gpu": "docs/benchmarks.md",
+    "quality": "docs/benchmarks.md",
+    "quality_density": "docs/benchmarks.md",
+    "reliability": "docs/training.md",
+    "ddp": "docs/training.md",
+}
+
 
 def table_of(stdout: str) -> str:
     lines = stdout.splitlines()
@@ -57,18 +72,40 @@ def replace_block(text: str, name: str, body: str) -> str:
     begin, end = f"<!-- BEGIN bench:{name} -->", f"<!-- END bench:{name} -->"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     block = f"{begin}\n{body}\n{end}"
-    if not pattern.search(text):
-        raise RuntimeError(f"README.md has no {begin} ... {end} block")
+    found = len(pattern.findall(text))
+    if found != 1:
+        raise RuntimeError(f"expected one {begin} ... {end} block, found {found}")
     return pattern.sub(lambda _: block, text)
+
+
+def check_targets(names, root: Path = ROOT) -> list[str]:
+    """Problems with the marker blocks of ``names`` (an empty list when every block is in place)."""
+    problems = []
+    for name in names:
+        path = root / TARGETS[name]
+        try:
+            replace_block(path.read_text(), name, "")
+        except (OSError, RuntimeError) as err:
+            problems.append(f"{TARGETS[name]}: {err}")
+    return problems
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke settings")
     ap.add_argument("--only", nargs="+", choices=list(BENCHES), default=DEFAULT)
-    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--root", type=Path, default=ROOT,
+                    help="folder that holds the docs named in TARGETS (default: the repository)")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that the marker blocks of the chosen tables exist; run nothing")
     args = ap.parse_args(argv)
-    readme = args.readme.read_text()
+    problems = check_targets(args.only, args.root)  # before hours of benchmarks, not after
+    for problem in problems:
+        print(f"[run_all] {problem}", file=sys.stderr)
+    if problems or args.check:
+        if not problems:
+            print("[run_all] marker blocks in place: " + ", ".join(f"{n} -> {TARGETS[n]}" for n in args.only))
+        return 1 if problems else 0
     for name in args.only:
         cmd, quick = BENCHES[name]
         cmd = cmd[:1] + (quick if args.quick else cmd[1:])
@@ -80,12 +117,14 @@ def main(argv=None) -> int:
             print(line, end="", flush=True)
             lines.append(line)
         if proc.wait() != 0:
-            print(f"[run_all] {name} failed (exit {proc.returncode}); README left as it was", file=sys.stderr)
+            print(f"[run_all] {name} failed (exit {proc.returncode}); {TARGETS[name]} left as it was",
+                  file=sys.stderr)
             return proc.returncode
         stamp = datetime.date.today().isoformat()
         body = f"`{shown}` ({stamp}, this machine's 2 CPU cores)\n\n{table_of(''.join(lines))}"
-        readme = replace_block(readme, name, body)
-        args.readme.write_text(readme)
+        path = args.root / TARGETS[name]
+        path.write_text(replace_block(path.read_text(), name, body))
+        print(f"[run_all] {name}: table written to {TARGETS[name]}", flush=True)
     return 0
 
 
