@@ -195,6 +195,126 @@ def test_cpu_batches_unchanged_perlin_density_range_spline(tmp_path):
     _check(compute(rich_param(tmp_path)), EXPECTED["rich"])
 
 
+# the data path on its device ------------------------------------------------------------------------
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device on this machine"))]
+
+
+def _all_on(batch, targets, device: str) -> None:
+    tensors = [batch.frames_NCHW, batch.bg_NHW, batch.bg_NCHW, batch.em.xyz, batch.em.phot, batch.em.frame_ix,
+               batch.em.id, batch.em_all.xyz, *targets[0], *targets[1]]
+    assert {t.device.type for t in tensors} == {device}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", ["quickstart", "rich"])
+def test_device_path_reproducible(device, config, tmp_path):
+    """Same seed, same device: the same batches, targets and weights; every tensor on that device; on the
+    CPU the recorded digests."""
+    from decode_var.backend import get_backend
+    from decode_var.data.simulation import Simulator
+    from decode_var.data.targets import MultiScaleTargets
+
+    param = quickstart_param(device) if config == "quickstart" else rich_param(tmp_path, device)
+    sim = Simulator.parse(param)
+    assert sim.device.type == device
+    targets = MultiScaleTargets.parse(param, get_backend("builtin"))
+    batch = sim.sample(N_SAMPLES, SEEDS[0])
+    _all_on(batch, targets(batch.em, batch.bg_NHW, N_SAMPLES), device)
+    first, again = compute(param), compute(param)
+    assert first == again
+    if device == "cpu":
+        _check(first, EXPECTED[config])
+
+
+def test_cuda_without_cuda_falls_back_to_cpu_with_a_warning(monkeypatch):
+    """DECODE's param files say ``device_simulation: cuda:0``; without CUDA the data is made on the CPU,
+    the same batches as ``cpu``, and the warning names the key and the fix."""
+    from decode_var.data.simulation import Simulator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(RuntimeWarning, match=r"Hardware.device_simulation is 'cuda:0'.*device_simulation: cpu"):
+        sim = Simulator.parse(quickstart_param("cuda:0"))
+    assert sim.device == torch.device("cpu")
+    assert digest(sim.sample(N_SAMPLES, 0).frames_NCHW) == EXPECTED["quickstart"][f"sample({N_SAMPLES}, 0)"][
+        "frames_NCHW"] or not _recorded_here()
+
+
+def test_unknown_device_is_a_param_error():
+    from decode_var.core.errors import ParamError
+    from decode_var.data.simulation import Simulator
+
+    with pytest.raises(ParamError, match="Hardware.device_simulation must be a device name"):
+        Simulator.parse(quickstart_param("gpu0"))
+
+
+def test_a_foreign_psf_keeps_the_data_on_the_cpu():
+    """The decode backend passes DECODE's PSF (and swaps in DECODE's camera): its data stays on the CPU."""
+    from decode_var.data.simulation import GaussianPSF, Simulator
+
+    param = quickstart_param("cuda")
+    with pytest.warns(RuntimeWarning, match="PSF from outside"):
+        sim = Simulator.parse(param, psf=GaussianPSF.parse(param))
+    assert sim.device == torch.device("cpu")
+
+
+def test_sampling_leaves_the_global_rng_alone():
+    """Batches come from their own generator: the global RNG neither feeds them nor is changed by them,
+    so a batch can be made in a thread while the training step draws dropout or teacher-forcing coins."""
+    from decode_var.data.simulation import Simulator
+
+    sim = Simulator.parse(quickstart_param())
+    state = torch.get_rng_state()
+    a = sim.sample(4, 5)
+    assert torch.equal(state, torch.get_rng_state())
+    torch.manual_seed(12345)
+    assert torch.equal(a.frames_NCHW, sim.sample(4, 5).frames_NCHW)
+
+
+def test_no_tensor_of_the_data_path_is_made_on_the_default_device(tmp_path):
+    """Every tensor the simulation and the targets create names its device (or copies one of its inputs'):
+    on a GPU nothing would be made on the CPU and copied or mixed. Checked here on the CPU by watching
+    torch's factory functions while one batch and its targets are made (spline PSF, Perlin background)."""
+    from torch.overrides import TorchFunctionMode
+
+    from decode_var.backend import get_backend
+    from decode_var.data.simulation import Simulator
+    from decode_var.data.targets import MultiScaleTargets
+
+    factories = {torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.linspace, torch.rand,
+                 torch.randn, torch.randint, torch.tensor, torch.eye, torch.randperm}
+    missing = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories and kwargs.get("device") is None:
+                import traceback
+
+                here = [f for f in traceback.extract_stack() if "decode_var" in f.filename]
+                missing.append(f"{func.__name__} at {here[-1].filename}:{here[-1].lineno}" if here else func.__name__)
+            return func(*args, **kwargs)
+
+    for param in (quickstart_param(), rich_param(tmp_path)):
+        sim = Simulator.parse(param)
+        targets = MultiScaleTargets.parse(param, get_backend("builtin"))
+        with Watch():
+            batch = sim.sample(4, 3)
+            targets(batch.em, batch.bg_NHW, 4)
+            sim.sample_seeded([1, 2])
+    assert not missing, sorted(set(missing))
+
+
+def test_batch_and_emitters_move_between_devices():
+    from decode_var.data.simulation import Simulator
+
+    batch = Simulator.parse(quickstart_param()).sample(2, 0)
+    moved = batch.to("cpu")
+    assert moved.device == torch.device("cpu") and moved.em.device == torch.device("cpu")
+    assert torch.equal(moved.em.xyz, batch.em.xyz) and torch.equal(moved.em.id, batch.em.id)
+    assert torch.equal(batch.em.to("cpu").xyz_nm, batch.em.xyz_nm)
+
+
 if __name__ == "__main__":  # print the digests of the current code, in EXPECTED's form
     import pprint
     import tempfile

@@ -43,7 +43,7 @@ class EmitterSet:
         self.xyz = xyz
         self.phot = self._vec(phot, n, "phot", torch.float32)
         self.frame_ix = self._vec(frame_ix, n, "frame_ix", torch.long)
-        self.id = self._vec(id if id is not None else torch.arange(n), n, "id", torch.long)
+        self.id = self._vec(id if id is not None else torch.arange(n, device=xyz.device), n, "id", torch.long)
         for name, value in zip(_OPTIONAL, (prob, bg, xyz_cr, phot_cr, bg_cr, xyz_sig, phot_sig, bg_sig)):
             if value is not None:
                 value = torch.as_tensor(value, dtype=torch.float32)
@@ -81,7 +81,7 @@ class EmitterSet:
         if self.px_size is None:
             raise ValueError(f"Cannot convert from {self.xy_unit} to {to_unit}: px_size is not set. "
                              "Set Camera.px_size in the param file.")
-        factor = self.px_size if to_unit == "nm" else 1.0 / self.px_size
+        factor = (self.px_size if to_unit == "nm" else 1.0 / self.px_size).to(self.xyz.device)
         xyz = self.xyz.clone()
         xyz[:, :2] = xyz[:, :2] * factor
         return xyz
@@ -104,8 +104,18 @@ class EmitterSet:
         return EmitterSet(**{k: (v[item] if v is not None else None) for k, v in fields.items()},
                           xy_unit=self.xy_unit, px_size=self.px_size)
 
+    @property
+    def device(self) -> torch.device:
+        return self.xyz.device
+
+    def to(self, device, non_blocking: bool = False) -> "EmitterSet":
+        """The same emitters with every tensor on ``device`` (``px_size`` stays on the CPU)."""
+        fields = {k: getattr(self, k) for k in ("xyz", "phot", "frame_ix", "id") + _OPTIONAL}
+        return EmitterSet(**{k: (v.to(device, non_blocking=non_blocking) if v is not None else None)
+                             for k, v in fields.items()}, xy_unit=self.xy_unit, px_size=self.px_size)
+
     def clone(self) -> "EmitterSet":
-        return self[torch.ones(len(self), dtype=torch.bool)]
+        return self[torch.ones(len(self), dtype=torch.bool, device=self.device)]
 
     def get_subset_frame(self, frame_start: int, frame_end: int, frame_ix_shift: int | None = None) -> "EmitterSet":
         """Emitters with ``frame_start <= frame_ix <= frame_end``, frame index shifted by ``frame_ix_shift``."""

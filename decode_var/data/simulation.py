@@ -20,16 +20,28 @@ the target belongs to the centre frame, as in DECODE's ``SMLMLiveSampleDataset``
   / e_per_adu, floor, + baseline, clamp >= 0; then back to photons when ``convert2photons``.
 
 All randomness of one call comes from the ``seed`` it is given, so a batch is a pure function of
-(seed, batch size): training can be resumed and compared bit for bit.
+(seed, batch size, device): training can be resumed and compared bit for bit.
+
+**Device.** Everything above runs in torch on ``Hardware.device_simulation`` (:meth:`Simulator.parse`;
+``cuda`` on a machine without CUDA falls back to the CPU with a warning, see
+:func:`decode_var.core.devices.resolve_device`): tensors are created on that device and every draw comes
+from a ``torch.Generator`` on that device seeded with the batch seed, so the global RNG is never touched
+and a batch can be made in a background thread (:mod:`decode_var.training.prefetch`). On the CPU the
+generator is the same Mersenne twister, seeded the same way, as the global RNG under ``fork_rng`` that
+earlier versions used: CPU batches are unchanged bit for bit (``tests/test_device_data.py``). On a GPU,
+batches are reproducible for a given seed and device, but differ from the CPU's (another generator).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from decode_var.core.devices import resolve_device
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
 
@@ -51,6 +63,18 @@ class Batch:
     bg_NHW: torch.Tensor
     em_all: EmitterSet
     bg_NCHW: Optional[torch.Tensor] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.frames_NCHW.device
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The same batch on ``device`` (e.g. the emitters back on the CPU for matching)."""
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(move(self.frames_NCHW), self.em.to(device, non_blocking), move(self.bg_NHW),
+                     self.em_all.to(device, non_blocking), move(self.bg_NCHW))
 
 
 def astigmatism(z_nm: torch.Tensor, sigma_0: float, foc_shift: float, rl_range: float) -> torch.Tensor:
@@ -76,6 +100,14 @@ class GaussianPSF:
 
         self.edge_x, self.edge_y, _, _ = frame_grid(self.img_shape, xextent, yextent)
         self.sigma_0, self.foc_shift, self.rl_range, self.mode_3d = sigma_0, foc_shift, rl_range, mode_3d
+        self._edges = {}  # device -> (edge_x, edge_y) on it
+
+    def edges(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixel edges in px along x and y on ``device`` (copied there once)."""
+        key = str(device)
+        if key not in self._edges:
+            self._edges[key] = (self.edge_x.to(device), self.edge_y.to(device))
+        return self._edges[key]
 
     @classmethod
     def parse(cls, param):
@@ -86,34 +118,38 @@ class GaussianPSF:
     def sigma(self, z_nm: torch.Tensor) -> torch.Tensor:
         if self.mode_3d:
             return astigmatism(z_nm, self.sigma_0, self.foc_shift, self.rl_range)
-        return torch.full((z_nm.numel(), 2), float(self.sigma_0))
+        return torch.full((z_nm.numel(), 2), float(self.sigma_0), device=z_nm.device)
 
     def forward(self, xyz: torch.Tensor, phot: torch.Tensor, frame_ix: torch.Tensor, n_frames: int) -> torch.Tensor:
-        """Expected photons per px, (n_frames, sx, sy), from (E, 3) positions (px, px, nm)."""
-        frames = torch.zeros(n_frames, *self.img_shape)
+        """Expected photons per px, (n_frames, sx, sy), from (E, 3) positions (px, px, nm), on xyz's device."""
+        frames = torch.zeros(n_frames, *self.img_shape, device=xyz.device)
         if xyz.size(0) == 0:
             return frames
+        edge_x, edge_y = self.edges(xyz.device)
         sig = self.sigma(xyz[:, 2]) * math.sqrt(2)
-        gx = torch.erf((self.edge_x[None, 1:] - xyz[:, :1]) / sig[:, :1]) - \
-            torch.erf((self.edge_x[None, :-1] - xyz[:, :1]) / sig[:, :1])
-        gy = torch.erf((self.edge_y[None, 1:] - xyz[:, 1:2]) / sig[:, 1:]) - \
-            torch.erf((self.edge_y[None, :-1] - xyz[:, 1:2]) / sig[:, 1:])
+        gx = torch.erf((edge_x[None, 1:] - xyz[:, :1]) / sig[:, :1]) - \
+            torch.erf((edge_x[None, :-1] - xyz[:, :1]) / sig[:, :1])
+        gy = torch.erf((edge_y[None, 1:] - xyz[:, 1:2]) / sig[:, 1:]) - \
+            torch.erf((edge_y[None, :-1] - xyz[:, 1:2]) / sig[:, 1:])
         gx = gx * (phot[:, None] / 4)
         return frames.index_add_(0, frame_ix, gx[:, :, None] * gy[:, None, :])
 
 
-def perlin_NHW(n: int, img_shape, res: int) -> torch.Tensor:
-    """(n, H, W) smooth gradient noise in [0, 1], one independent field per frame (uses the global RNG).
+def perlin_NHW(n: int, img_shape, res: int, generator: Optional[torch.Generator] = None,
+               device=None) -> torch.Tensor:
+    """(n, H, W) smooth gradient noise in [0, 1], one independent field per frame, on ``device``.
+
+    Draws from ``generator`` (on ``device``; None = the global RNG).
 
     DECODE 0.9's ``_PerlinBackground``: random unit gradients on a ``(res + 1)^2`` lattice spread over the
     frame, quintic fade, ``(sqrt(2) * noise + 1) / 2``; features are about ``img_size / res`` px wide.
     Pixel i is sampled at its centre, so any frame size works (DECODE required multiples of ``res``).
     """
     H, W = (int(v) for v in img_shape)
-    angles_NRR = 2 * math.pi * torch.rand(n, res + 1, res + 1)
+    angles_NRR = 2 * math.pi * torch.rand(n, res + 1, res + 1, generator=generator, device=device)
     grad_NRR2 = torch.stack([torch.cos(angles_NRR), torch.sin(angles_NRR)], -1)
-    u_H = (torch.arange(H, dtype=torch.float32) + 0.5) * (res / H)
-    v_W = (torch.arange(W, dtype=torch.float32) + 0.5) * (res / W)
+    u_H = (torch.arange(H, dtype=torch.float32, device=device) + 0.5) * (res / H)
+    v_W = (torch.arange(W, dtype=torch.float32, device=device) + 0.5) * (res / W)
     i_H, j_W = u_H.floor().long().clamp(max=res - 1), v_W.floor().long().clamp(max=res - 1)
     fu_H, fv_W = u_H - i_H, v_W - j_W
 
@@ -161,19 +197,25 @@ class Background:
                    sim.get("bg_perlin_amplitude") or 0.0, sim.get("bg_perlin_scale") or 4,
                    bool(sim.get("bg_perlin_draw_amps")), param.VAR.get("bg_drift") or 0.0)
 
-    def sample(self, n_samples: int, img_shape) -> torch.Tensor:
-        """(N, C, H, W) background of ``n_samples`` windows of (H, W) px frames, photons / px (global RNG)."""
+    def sample(self, n_samples: int, img_shape, generator: Optional[torch.Generator] = None,
+               device=None) -> torch.Tensor:
+        """(N, C, H, W) background of ``n_samples`` windows of (H, W) px frames, photons / px, on ``device``.
+
+        Draws from ``generator`` (on ``device``; None = the global RNG).
+        """
         C, img_shape = self.frame_window, tuple(int(v) for v in img_shape)
-        level_NC = self.lo + torch.rand(n_samples, C) * (self.hi - self.lo)
+        g, dev = generator, device
+        level_NC = self.lo + torch.rand(n_samples, C, generator=g, device=dev) * (self.hi - self.lo)
         bg_NCHW = level_NC[:, :, None, None].expand(n_samples, C, *img_shape)
         if not self.perlin:
             return bg_NCHW.clone()
-        field_NHW = torch.zeros(n_samples, *img_shape)
+        field_NHW = torch.zeros(n_samples, *img_shape, device=dev)
         for amp, res in self.perlin:
-            amp_N = amp * (torch.rand(n_samples) if self.draw_amps else torch.ones(n_samples))
-            field_NHW = field_NHW + amp_N[:, None, None] * perlin_NHW(n_samples, img_shape, res)
-        slope_N = (2 * torch.rand(n_samples) - 1) * self.drift
-        offset_C = torch.arange(C, dtype=torch.float32) - (C - 1) // 2
+            draw_N = torch.rand(n_samples, generator=g, device=dev) if self.draw_amps else \
+                torch.ones(n_samples, device=dev)
+            field_NHW = field_NHW + (amp * draw_N)[:, None, None] * perlin_NHW(n_samples, img_shape, res, g, dev)
+        slope_N = (2 * torch.rand(n_samples, generator=g, device=dev) - 1) * self.drift
+        offset_C = torch.arange(C, dtype=torch.float32, device=dev) - (C - 1) // 2
         factor_NC = (1 + slope_N[:, None] * offset_C[None]).clamp(min=0.0)
         return bg_NCHW + factor_NC[:, :, None, None] * field_NHW[:, None]
 
@@ -192,13 +234,18 @@ class Camera:
         c = param.Camera
         return cls(c.qe, c.spur_noise, c.em_gain, c.e_per_adu, c.baseline, c.read_sigma, c.convert2photons)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Expected photons -> noisy camera frame (uses the global torch RNG; see Simulator)."""
-        electrons = torch.poisson(torch.clamp(x, min=0.0) * self.qe + self.spur)
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Expected photons -> noisy camera frame, on x's device (photons, or ADU without ``photon_units``).
+
+        Draws from ``generator`` (on x's device; None = the global torch RNG).
+        """
+        electrons = torch.poisson(torch.clamp(x, min=0.0) * self.qe + self.spur, generator=generator)
         if self.em_gain is not None:
             # Gamma(shape = electrons, scale = gain); shape 0 gives 0
-            electrons = torch._standard_gamma(electrons.clamp(min=1e-12)) * self.em_gain * (electrons > 0)
-        electrons = electrons + self.read_sigma * torch.randn_like(electrons)
+            gamma = torch._standard_gamma(electrons.clamp(min=1e-12), generator=generator)
+            electrons = gamma * self.em_gain * (electrons > 0)
+        noise = torch.randn(electrons.shape, generator=generator, dtype=electrons.dtype, device=electrons.device)
+        electrons = electrons + self.read_sigma * noise
         adu = torch.clamp(torch.floor(electrons / self.e_per_adu) + self.baseline, min=0.0)
         return self.backward(adu) if self.photon_units else adu
 
@@ -222,13 +269,15 @@ class Simulator:
         lifetime_avg: mean on-time (frames).
         bg_uniform: photons / px, a value or [low, high], drawn per frame; or a :class:`Background`.
         frame_window: 1 or 3. intensity_th: minimum flux. px_size: nm per px (for the EmitterSet).
+        device: where batches are made and live (frames, emitters, background).
     """
 
     def __init__(self, psf, camera: Camera, emitter_extent, intensity_mu_sig, emitter_av,
                  lifetime_avg: float, bg_uniform, frame_window: int = 3, intensity_th: Optional[float] = None,
-                 px_size=None):
+                 px_size=None, device="cpu"):
         self.psf, self.camera = psf, camera
-        self.extent = torch.tensor(emitter_extent, dtype=torch.float32)
+        self.device = torch.device(device)
+        self.extent = torch.tensor(emitter_extent, dtype=torch.float32, device=self.device)
         self.mu, self.sig = float(intensity_mu_sig[0]), float(intensity_mu_sig[1])
         av = emitter_av if isinstance(emitter_av, (list, tuple)) else (emitter_av, emitter_av)
         self.av_lo, self.av_hi = float(av[0]), float(av[1])
@@ -241,8 +290,19 @@ class Simulator:
         self.half = (self.frame_window - 1) // 2
 
     @classmethod
-    def parse(cls, param, psf=None):
+    def parse(cls, param, psf=None, device=None):
+        """From the param file.
+
+        Args:
+            psf: a PSF from outside (the ``decode`` backend's DECODE PSF); None = the package's own
+                (``VAR.psf``: gaussian or spline).
+            device: where to simulate; None = ``Hardware.device_simulation`` with the package's own PSF
+                (``cuda`` without CUDA: the CPU, with a warning), and the CPU with a PSF from outside
+                (the ``decode`` backend keeps its data on the CPU, with its DECODE camera).
+        """
         sim = param.Simulation
+        if device is None:
+            device = cls._parse_device(param, own_psf=psf is None)
         if psf is None and param.VAR.psf == "spline":
             from decode_var.data.spline_psf import SplinePSF  # built-in cubic spline: no DECODE needed
 
@@ -254,39 +314,72 @@ class Simulator:
                              "set Simulation.emitter_av (emitters per frame) and leave density empty.")
         return cls(psf, Camera.parse(param), sim.emitter_extent, sim.intensity_mu_sig, sim.emitter_av,
                    sim.lifetime_avg, Background.parse(param), param.HyperParameter.channels_in, sim.intensity_th,
-                   param.Camera.px_size)
+                   param.Camera.px_size, device=device)
 
-    def _emitters(self, n_samples: int):
-        """Blinking emitters of every window frame: xyz (P, 3), phot (P,), frame (P,) global, id (P,)."""
+    @staticmethod
+    def _parse_device(param, own_psf: bool) -> torch.device:
+        name = param.Hardware.get("device_simulation") or "cpu"
+        if own_psf:
+            return resolve_device(name, "Hardware.device_simulation")
+        if str(name).strip() != "cpu":
+            warnings.warn(f"Hardware.device_simulation is {name!r}, but this simulator has a PSF from outside (the "
+                          "decode backend's DECODE PSF and camera): its data is made on the CPU. Set VAR.backend: "
+                          "builtin to simulate on the GPU.", RuntimeWarning, stacklevel=3)
+        return torch.device("cpu")
+
+    def _emitters(self, n_samples: int, g: Optional[torch.Generator] = None):
+        """Blinking emitters of every window frame: xyz (P, 3), phot (P,), frame (P,) global, id (P,).
+
+        Draws from ``g`` (on the simulator's device; None = the global RNG).
+        """
+        dev = self.device
         lo, hi = -self.half - 3 * self.lifetime, self.half + 3 * self.lifetime
         n_frames_plus = hi - lo + 1
         if self.av_hi > self.av_lo:  # one density per sample; a fixed density draws nothing here
-            av_N = self.av_lo + torch.rand(n_samples) * (self.av_hi - self.av_lo)
+            av_N = self.av_lo + torch.rand(n_samples, generator=g, device=dev) * (self.av_hi - self.av_lo)
         else:
-            av_N = torch.full((n_samples,), self.av_lo)
-        counts = torch.poisson(av_N * (n_frames_plus / (self.lifetime + 1))).long()
+            av_N = torch.full((n_samples,), self.av_lo, device=dev)
+        counts = torch.poisson(av_N * (n_frames_plus / (self.lifetime + 1)), generator=g).long()
         n = int(counts.sum())
-        sample = torch.repeat_interleave(torch.arange(n_samples), counts)
+        sample = torch.repeat_interleave(torch.arange(n_samples, device=dev), counts, output_size=n)
         span = self.extent[:, 1] - self.extent[:, 0]
-        xyz = self.extent[:, 0] + torch.rand(n, 3) * span
-        flux = torch.clamp(self.mu + self.sig * torch.randn(n), min=self.intensity_th)
-        t0 = lo + torch.rand(n) * (hi - lo)
-        te = t0 + torch.empty(n).exponential_(1 / self.lifetime)
-        window = torch.arange(-self.half, self.half + 1, dtype=torch.float32)
+        xyz = self.extent[:, 0] + torch.rand(n, 3, generator=g, device=dev) * span
+        flux = torch.clamp(self.mu + self.sig * torch.randn(n, generator=g, device=dev), min=self.intensity_th)
+        t0 = lo + torch.rand(n, generator=g, device=dev) * (hi - lo)
+        te = t0 + torch.empty(n, device=dev).exponential_(1 / self.lifetime, generator=g)
+        window = torch.arange(-self.half, self.half + 1, dtype=torch.float32, device=dev)
         on_E_F = (torch.minimum(te[:, None], window[None] + 1) - torch.maximum(t0[:, None], window[None])).clamp(min=0)
         e, f = torch.nonzero(on_E_F > 0, as_tuple=True)
         frame = sample[e] * self.frame_window + f
         return xyz[e], flux[e] * on_E_F[e, f], frame, e
 
-    def sample(self, n_samples: int, seed: int) -> Batch:
-        """Simulate ``n_samples`` windows; the result depends only on (seed, n_samples)."""
+    @contextlib.contextmanager
+    def _rng(self, seed: int):
+        """The random source of one batch: a generator on the simulator's device seeded with ``seed``.
+
+        The global RNG is left alone, so batches can be made in a thread next to a training step. A
+        camera from outside (the ``decode`` backend's DECODE camera draws from the global RNG) gets the
+        global CPU RNG seeded with ``seed`` under ``fork_rng`` instead, all draws from that one stream,
+        as before; that path is not thread-safe (use worker processes there).
+        """
+        if isinstance(self.camera, Camera):
+            yield torch.Generator(device=self.device).manual_seed(int(seed))
+            return
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            xyz, phot, frame, ident = self._emitters(n_samples)
+            torch.default_generator.manual_seed(int(seed))
+            yield torch.default_generator if self.device.type == "cpu" else \
+                torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def sample(self, n_samples: int, seed: int) -> Batch:
+        """Simulate ``n_samples`` windows on the simulator's device; the result depends only on (seed,
+        n_samples, device)."""
+        with self._rng(seed) as g:
+            xyz, phot, frame, ident = self._emitters(n_samples, g)
             n_frames = n_samples * self.frame_window
             expected = self.psf.forward(xyz, phot, frame, n_frames)
-            bg_NCHW = self.background.sample(n_samples, expected.shape[-2:])
-            frames = self.camera.forward(expected + bg_NCHW.reshape(expected.shape))
+            bg_NCHW = self.background.sample(n_samples, expected.shape[-2:], g, self.device)
+            x = expected + bg_NCHW.reshape(expected.shape)
+            frames = self.camera.forward(x, g) if isinstance(self.camera, Camera) else self.camera.forward(x)
         frames_NCHW = frames.view(n_samples, self.frame_window, *frames.shape[-2:])
         centre = (frame % self.frame_window) == self.half
         em_all = EmitterSet(xyz, phot, frame, id=ident, px_size=self.px_size)

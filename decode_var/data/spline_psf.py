@@ -270,6 +270,15 @@ class SplinePSF:
         # (Nz, Nx, Ny, 64): the gather indexes z first
         self.coeff_ZXY64 = torch.from_numpy(np.ascontiguousarray(calib.coeff_XYZ64.transpose(2, 0, 1, 3)))
         self.chunk = int(chunk)
+        self._coeff = {}  # (device, dtype) -> (Nz * Nx * Ny, 64) coefficients there
+
+    def coeff_K64(self, device, dtype) -> torch.Tensor:
+        """The coefficients as (Nz * Nx * Ny, 64) rows on ``device`` in ``dtype`` (copied there once, not per
+        block of emitters: the simulation of a GPU batch then reads them from GPU memory)."""
+        key = (str(device), dtype)
+        if key not in self._coeff:
+            self._coeff[key] = self.coeff_ZXY64.to(device=device, dtype=dtype).reshape(-1, 64)
+        return self._coeff[key]
 
     @classmethod
     def parse(cls, param) -> "SplinePSF":
@@ -354,7 +363,7 @@ class SplinePSF:
         iy_ER = start[:, 1:2] + torch.arange(ry, device=impl_E3.device)
         iz_E = start[:, 2].clamp(0, nz - 1)
         inside_ERR = (((ix_ER >= 0) & (ix_ER < nx))[:, :, None] & ((iy_ER >= 0) & (iy_ER < ny))[:, None, :])
-        coeff_K64 = self.coeff_ZXY64.to(device=impl_E3.device, dtype=impl_E3.dtype).reshape(-1, 64)
+        coeff_K64 = self.coeff_K64(impl_E3.device, impl_E3.dtype)
         row_ERR = ((iz_E[:, None, None] * nx + ix_ER.clamp(0, nx - 1)[:, :, None]) * ny
                    + iy_ER.clamp(0, ny - 1)[:, None, :])
         c_ERR64 = coeff_K64.index_select(0, row_ERR.reshape(-1)).view(*row_ERR.shape, 64)

@@ -13,6 +13,11 @@ classes of the same names (``decode.neuralfitter.target_generator`` / ``weight_g
 generators (DECODE's own with the ``decode`` backend) on that scale's grid, then rescales the
 channels to the network's units (see :class:`TargetRescale`): phot / phot_max, z / z_max,
 bg / bg_max, x and y offsets in cells of their scale.
+
+Device: the built-in generators work on the device of the emitters (and background) they are given,
+the simulator's ``Hardware.device_simulation``; their grids are copied there once. Nothing here draws
+random numbers, and cells that several ROIs share are written once (:func:`last_write_wins`), so the
+maps are the same on every run on every device.
 """
 from __future__ import annotations
 
@@ -41,11 +46,12 @@ def last_write_wins(flat_index: torch.Tensor) -> torch.Tensor:
     Writing ``t[idx] = v`` with repeated indices leaves a winner that depends on thread scheduling;
     writing only the masked entries gives the sequential result (the last one) on every run.
     """
+    dev = flat_index.device
     if flat_index.numel() == 0:
-        return torch.ones(0, dtype=torch.bool)
-    order = torch.arange(flat_index.numel())
-    _, inverse = torch.unique(flat_index, return_inverse=True)
-    last = torch.full((int(inverse.max()) + 1,), -1, dtype=order.dtype).scatter_reduce_(0, inverse, order, "amax")
+        return torch.ones(0, dtype=torch.bool, device=dev)
+    order = torch.arange(flat_index.numel(), device=dev)
+    uniq, inverse = torch.unique(flat_index, return_inverse=True)
+    last = torch.full((uniq.numel(),), -1, dtype=order.dtype, device=dev).scatter_reduce_(0, inverse, order, "amax")
     return last[inverse] == order
 
 
@@ -71,6 +77,15 @@ class UnifiedEmbeddingTarget:
         # x offset varies slowest, as in DECODE's meshgrid(ij) flattening
         self._roi_dx = offsets.repeat_interleave(len(offsets))
         self._roi_dy = offsets.repeat(len(offsets))
+        self._grids = {}  # device -> grid tensors on it
+
+    def grid(self, device) -> tuple[torch.Tensor, ...]:
+        """(bin edges x, bin edges y in px, bin centres x, y in px, ROI offsets dx, dy in cells) on ``device``."""
+        key = str(device)
+        if key not in self._grids:
+            self._grids[key] = tuple(t.to(device) for t in (self._bin_x, self._bin_y, self.bin_ctr_x, self.bin_ctr_y,
+                                                           self._roi_dx, self._roi_dy))
+        return self._grids[key]
 
     def filter(self, em: EmitterSet, ix_low: int, ix_high: int) -> EmitterSet:
         """Emitters on frames ix_low..ix_high (frame index shifted to start at 0) inside the field of view."""
@@ -81,16 +96,19 @@ class UnifiedEmbeddingTarget:
         return em[inside]
 
     def bin_index(self, xy: torch.Tensor):
-        x_ix = torch.searchsorted(self._bin_x, xy[:, 0].contiguous(), right=True) - 1
-        y_ix = torch.searchsorted(self._bin_y, xy[:, 1].contiguous(), right=True) - 1
+        """Cell indices (long) along x and y of positions ``xy`` (E, 2+) in px."""
+        bin_x, bin_y = self.grid(xy.device)[:2]
+        x_ix = torch.searchsorted(bin_x, xy[:, 0].contiguous(), right=True) - 1
+        y_ix = torch.searchsorted(bin_y, xy[:, 1].contiguous(), right=True) - 1
         return x_ix, y_ix
 
     def roi_cells(self, frame_ix, x_ix, y_ix):
         """Cells of each emitter's ROI inside the grid: (frame, x, y, emitter index), emitter-major."""
-        n_roi = self._roi_dx.numel()
-        emitter = torch.arange(x_ix.numel()).repeat_interleave(n_roi)
-        xr = x_ix.repeat_interleave(n_roi) + self._roi_dx.repeat(x_ix.numel())
-        yr = y_ix.repeat_interleave(n_roi) + self._roi_dy.repeat(y_ix.numel())
+        roi_dx, roi_dy = self.grid(x_ix.device)[4:]
+        n_roi = roi_dx.numel()
+        emitter = torch.arange(x_ix.numel(), device=x_ix.device).repeat_interleave(n_roi)
+        xr = x_ix.repeat_interleave(n_roi) + roi_dx.repeat(x_ix.numel())
+        yr = y_ix.repeat_interleave(n_roi) + roi_dy.repeat(y_ix.numel())
         fr = frame_ix.repeat_interleave(n_roi)
         keep = (xr >= 0) & (xr < self.img_shape[0]) & (yr >= 0) & (yr < self.img_shape[1])
         return fr[keep], xr[keep], yr[keep], emitter[keep]
@@ -104,7 +122,10 @@ class UnifiedEmbeddingTarget:
 
     def forward(self, em: EmitterSet, bg: Optional[torch.Tensor] = None, ix_low: Optional[int] = None,
                 ix_high: Optional[int] = None) -> torch.Tensor:
-        """Target of shape (N, 5, sx, sy), or (N, 6, sx, sy) with ``bg`` of shape (N, sx, sy)."""
+        """Target of shape (N, 5, sx, sy), or (N, 6, sx, sy) with ``bg`` of shape (N, sx, sy), on em's device.
+
+        phot in photons, x and y offsets in px from each cell's centre, z in nm, bg in photons / px.
+        """
         ix_low, ix_high = self._bounds(ix_low, ix_high)
         em = self.filter(em, ix_low, ix_high)
         n_frames = ix_high - ix_low + 1
@@ -115,11 +136,12 @@ class UnifiedEmbeddingTarget:
         # them; an index_put with repeated indices picks a thread-dependent winner on large batches
         last = last_write_wins((fr * self.img_shape[0] + xr) * self.img_shape[1] + yr)
         fr, xr, yr, e = fr[last], xr[last], yr[last], e[last]
-        target_N5HW = torch.zeros(n_frames, 5, *self.img_shape)
+        ctr_x, ctr_y = self.grid(xyz.device)[2:4]
+        target_N5HW = torch.zeros(n_frames, 5, *self.img_shape, device=xyz.device)
         target_N5HW[em.frame_ix, 0, x_ix, y_ix] = 1.0
         target_N5HW[fr, 1, xr, yr] = em.phot[e]
-        target_N5HW[fr, 2, xr, yr] = xyz[e, 0] - self.bin_ctr_x[xr]
-        target_N5HW[fr, 3, xr, yr] = xyz[e, 1] - self.bin_ctr_y[yr]
+        target_N5HW[fr, 2, xr, yr] = xyz[e, 0] - ctr_x[xr]
+        target_N5HW[fr, 3, xr, yr] = xyz[e, 1] - ctr_y[yr]
         target_N5HW[fr, 4, xr, yr] = xyz[e, 2]
         if bg is None:
             return target_N5HW
@@ -153,7 +175,7 @@ class SimpleWeight:
         weight_N6HW[:, [0, 5]] = 1.0
         x_ix, y_ix = tg.bin_index(em.xyz_px)
         fr, xr, yr, _ = tg.roi_cells(em.frame_ix, x_ix, y_ix)
-        roi_NHW = torch.zeros(target_N6HW.size(0), *tg.img_shape, dtype=target_N6HW.dtype)
+        roi_NHW = target_N6HW.new_zeros(target_N6HW.size(0), *tg.img_shape)
         roi_NHW[fr, xr, yr] = 1.0
         if fr.numel():
             cells, count = torch.stack([fr, xr, yr], 1).unique(dim=0, return_counts=True)
@@ -193,7 +215,8 @@ class TargetRescale:
 
     def _scale_6(self, cell_size, like: torch.Tensor) -> torch.Tensor:
         cx, cy = cell_size
-        return torch.tensor([1.0, self.phot_max, cx, cy, self.z_max, self.bg_max]).to(like)[None, :, None, None]
+        return torch.tensor([1.0, self.phot_max, cx, cy, self.z_max, self.bg_max],
+                            device=like.device).to(like)[None, :, None, None]
 
     def forward(self, x_N6HW: torch.Tensor, cell_size=(1.0, 1.0)) -> torch.Tensor:
         """Physical (photons, px offsets, nm, photons / px) -> network units."""
