@@ -234,7 +234,7 @@ def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher
         param = load_param(param_path, overrides=_merge({"VAR": {"train": {"plot": False}}}, over))
         tr = Trainer(param, Path(tmp.name) / name.split()[0], progress=False, log=False)
         tr.epoch = max(int(param.HyperParameter.epochs) // 2, 1)
-        tr._set_epoch_state()
+        tr.task.start_epoch(tr.epoch)
         if hasattr(tr.model, "teacher_forcing"):
             tr.model.teacher_forcing = teacher_forcing
         trainers[name] = tr
@@ -243,13 +243,12 @@ def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher
     for r in range(repeats + 1):  # round 0 warms up
         for name, tr in trainers.items():
             hp = tr.param.HyperParameter
-            n_active = getattr(tr.loss, "active_scales", None)
             tr.model.train()
             w0, c0 = time.perf_counter(), time.process_time()
-            _, frames, tgt = tr._batch(hp.batch_size, 10_000 + r)
+            _, frames, tgt = tr.batch(hp.batch_size, 10_000 + r)
             w1 = time.perf_counter()
             tr.optimizer.zero_grad(set_to_none=True)
-            loss_val, _ = tr._train_forward(frames, tgt, n_active)
+            loss_val, _ = tr.task.train_forward(frames, tgt)
             loss = loss_val.mean()
             w2 = time.perf_counter()
             loss.backward()

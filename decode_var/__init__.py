@@ -9,11 +9,11 @@ Public entry points:
 """
 __version__ = "0.2.0"
 
-CHANNELS = ("p", "phot", "x", "y", "z", "bg")
+from decode_var.core.channels import CHANNELS  # noqa: E402  (public name)
 
 
 def register_with_decode():
-    """Add decode-var's models and losses to DECODE's namespaces (see :mod:`decode_var.registry`)."""
-    from decode_var.registry import register_with_decode as _register
+    """Add decode-var's models and losses to DECODE's namespaces (see :func:`decode_var.backend.register_with_decode`)."""
+    from decode_var.backend import register_with_decode as _register
 
     return _register()

@@ -96,7 +96,7 @@ def background_at(bg_NHW: torch.Tensor, em) -> torch.Tensor:
 
 def simulated_test_set(param, backend, n: Optional[int] = None):
     """The fixed test set (same seed as training's per-epoch test), with bg per emitter for the CRLB."""
-    from decode_var.training.trainer import derive_seed
+    from decode_var.core.seeds import derive_seed
 
     batch = backend.simulator(param).sample(n or param.TestSet.test_size, derive_seed(param.VAR.test_seed, 0))
     gt = batch.em

@@ -33,18 +33,26 @@ _loaded = False
 
 
 def register_model(name: str | None = None):
-    """Decorator (or call) recording a model class under ``name`` (default: the class name)."""
+    """Class decorator recording a model under ``name`` (default: the class name). A name taken
+    already keeps its first class (a built-in is never replaced by a later registration)."""
     def wrap(cls):
-        _models[name or cls.__name__] = cls
+        _models.setdefault(name or cls.__name__, cls)
         return cls
     return wrap
 
 
 def register_loss(name: str | None = None):
+    """Class decorator recording a loss under ``name`` (default: the class name); see :func:`register_model`."""
     def wrap(cls):
-        _losses[name or cls.__name__] = cls
+        _losses.setdefault(name or cls.__name__, cls)
         return cls
     return wrap
+
+
+#: Modules whose import registers built-in entries, and hooks that register DECODE's classes when
+#: DECODE is usable; loaded by name on the first lookup, like entry points (the registry imports
+#: none of them itself, so it stays a leaf of the package's import graph).
+PROVIDERS = ("decode_var.nn", "decode_var.backend:register_decode_classes")
 
 
 def _load() -> None:
@@ -52,20 +60,13 @@ def _load() -> None:
     if _loaded:
         return
     _loaded = True
-    from decode_var.nn.loss import LOSSES
-    from decode_var.nn.model import MODELS
+    import importlib
 
-    _models.update({k: v for k, v in MODELS.items() if k not in _models})
-    _losses.update({k: v for k, v in LOSSES.items() if k not in _losses})
-    from decode_var.backend import decode_available
-
-    if decode_available():
-        from decode_var.backend.decode import decode_losses, decode_models
-
-        for k, v in decode_models().items():
-            _models.setdefault(k, v)
-        for k, v in decode_losses().items():
-            _losses.setdefault(k, v)
+    for provider in PROVIDERS:
+        module, _, hook = provider.partition(":")
+        mod = importlib.import_module(module)
+        if hook:
+            getattr(mod, hook)()
     for group, table in ((MODEL_GROUP, _models), (LOSS_GROUP, _losses)):
         for ep in metadata.entry_points(group=group):
             try:
@@ -111,44 +112,3 @@ def build_model(param):
 
 def build_loss(param):
     return get_loss(param.HyperParameter.loss_impl).parse(param)
-
-
-def register_with_decode() -> list[str]:
-    """Add decode-var's models and losses to ``decode.neuralfitter.models`` / ``.loss``.
-
-    Each class goes in under its registry name (``VARMultiScale``; ``PPXYZB``, ``AdaptivePPXYZB``),
-    the name a param file's ``architecture`` / ``loss_impl`` uses. A name DECODE already defines is
-    never replaced (decode-var's ``PPXYZB`` class is called ``PPXYZBLoss`` in Python, DECODE's
-    ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name in DECODE's namespaces then
-    finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
-    """
-    from decode_var.backend import resolve_backend_name
-
-    resolve_backend_name("decode")  # clear error when DECODE is not usable
-    from decode_var.backend.decode import decode_namespaces
-    from decode_var.nn.loss import LOSSES
-    from decode_var.nn.model import MODELS
-
-    namespaces = decode_namespaces()
-    return (add_absent(namespaces["decode.neuralfitter.models"], MODELS, "decode.neuralfitter.models")
-            + add_absent(namespaces["decode.neuralfitter.loss"], LOSSES, "decode.neuralfitter.loss"))
-
-
-def add_absent(namespace, entries: Dict[str, Callable], where: str) -> list[str]:
-    """Set ``namespace.<name> = cls`` for each entry whose name ``namespace`` does not have yet.
-
-    A plugin never replaces its host's names: a taken name is left as it is, with a warning naming
-    it (unless it already holds the same class, as after a second call). Returns the names added.
-    """
-    import warnings
-
-    added = []
-    for name, cls in entries.items():
-        if hasattr(namespace, name):
-            if getattr(namespace, name) is not cls:
-                warnings.warn(f"{where}.{name} exists already and is left as it is; decode-var's "
-                              f"{getattr(cls, '__name__', name)} stays reachable through decode_var.registry.")
-            continue
-        setattr(namespace, name, cls)
-        added.append(f"{where}.{name}")
-    return added

@@ -28,10 +28,12 @@ def test_entry_points_are_picked_up(monkeypatch):
     def fake_entry_points(group=None, **kw):
         return [ep] if group == registry.MODEL_GROUP else []
 
+    registry.list_models()  # the built-ins have registered themselves
     monkeypatch.setattr(registry.metadata, "entry_points", fake_entry_points)
     monkeypatch.setattr(registry, "_loaded", False)
-    monkeypatch.setattr(registry, "_models", {})
-    monkeypatch.setattr(registry, "_losses", {})
+    monkeypatch.setattr(registry, "_models", dict(registry._models))
+    monkeypatch.setattr(registry, "_losses", dict(registry._losses))
+    assert "ThirdPartyNet" not in registry._models
     assert registry.get_model("ThirdPartyNet") is ThirdPartyNet
     assert "VARMultiScale" in registry.list_models()
 
@@ -70,7 +72,7 @@ def test_register_with_decode_never_replaces_a_name(monkeypatch):
     monkeypatch.setattr(backend, "resolve_backend_name", lambda name: name)
 
     with pytest.warns(UserWarning, match=r"decode\.neuralfitter\.models\.VARMultiScale exists already"):
-        added = registry.register_with_decode()
+        added = backend.register_with_decode()
     for ns, old in before.items():  # nothing that was there is reassigned
         assert all(vars(ns)[k] is v for k, v in old.items())
     assert loss_ns.PPXYZBLoss is DecodesPPXYZBLoss
@@ -78,4 +80,4 @@ def test_register_with_decode_never_replaces_a_name(monkeypatch):
     assert sorted(added) == ["decode.neuralfitter.loss.AdaptivePPXYZB", "decode.neuralfitter.loss.PPXYZB"]
     with warnings.catch_warnings():  # a second call adds nothing and warns only about the foreign name
         warnings.simplefilter("ignore")
-        assert registry.register_with_decode() == []
+        assert backend.register_with_decode() == []

@@ -137,13 +137,13 @@ def test_perlin_background_is_smooth_structured_and_drifts():
 
 
 def test_targets_carry_the_local_background_of_the_centre_frame():
-    from decode_var.backend import Backend
+    from decode_var.backend.builtin import BuiltinBackend
     from decode_var.data.targets import MultiScaleTargets
 
     p = param_from_dict({"Simulation": {"bg_perlin_amplitude": 100.0, "bg_perlin_scale": 3},
                          "VAR": {"bg_drift": 0.2}})
     batch = Simulator.parse(p).sample(4, seed=2)
-    targets, _ = MultiScaleTargets.parse(p, Backend())(batch.em, batch.bg_NHW, 4)
+    targets, _ = MultiScaleTargets.parse(p, BuiltinBackend())(batch.em, batch.bg_NHW, 4)
     fine_N6HW = targets[-1]
     assert torch.allclose(fine_N6HW[:, 5] * p.Scaling.bg_max, batch.bg_NCHW[:, 1], atol=1e-3)
     assert not torch.allclose(fine_N6HW[:, 5] * p.Scaling.bg_max, batch.bg_NCHW[:, 0], atol=1.0)

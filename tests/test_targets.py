@@ -2,7 +2,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from decode_var.backend import Backend, get_backend
+from decode_var.backend import get_backend
+from decode_var.backend.builtin import BuiltinBackend
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ShapeError
 from decode_var.config.param import param_from_dict
@@ -155,7 +156,7 @@ def _random_sets(seed):
 def test_builtin_equals_decode_at_every_scale(seed, roi):
     from decode_var.backend import get_backend
 
-    dec, builtin = get_backend("decode"), Backend()
+    dec, builtin = get_backend("decode"), BuiltinBackend()
     sched = ScaleSchedule((40, 40), [0.25, 0.5, 1.0, 2.0])
     em = _random_sets(seed)
     for sc in sched:
@@ -173,8 +174,8 @@ def test_builtin_equals_decode_at_every_scale(seed, roi):
 @pytest.mark.decode
 def test_multiscale_targets_backends_agree_on_simulated_batch():
     p = param_from_dict({"VAR": {"scales": [0.25, 0.5, 1.0, 2.0]}})
-    batch = Backend().simulator(p).sample(8, seed=11)
-    out = [MultiScaleTargets.parse(p, b)(batch.em, batch.bg_NHW, 8) for b in (Backend(), get_backend("decode"))]
+    batch = BuiltinBackend().simulator(p).sample(8, seed=11)
+    out = [MultiScaleTargets.parse(p, b)(batch.em, batch.bg_NHW, 8) for b in (BuiltinBackend(), get_backend("decode"))]
     for a, b in zip(out[0][0] + out[0][1], out[1][0] + out[1][1]):
         assert torch.allclose(a, b, atol=1e-6)
 

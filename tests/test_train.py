@@ -245,7 +245,7 @@ def test_sigmamunet_step_matches_decode_training_loop():
     tr = Trainer(param_from_dict(data), None, log=False, progress=False)
     ref_model, init = copy.deepcopy(tr.model), copy.deepcopy(tr.model.state_dict())
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=2e-4, weight_decay=0.1)
-    _, frames, tgt = tr._batch(8, tr._data_seed(0))  # the batch the engine's step 0 draws
+    _, frames, tgt = tr.batch(8, tr.step_data_seed(0))  # the batch the engine's step 0 draws
 
     tr.train_epoch()
     logger = SimpleNamespace(add_scalar=lambda *a, **k: None)

@@ -16,8 +16,8 @@ import functools
 import importlib
 import importlib.util
 
+from decode_var.backend.base import Backend
 from decode_var.core.errors import BackendError
-from decode_var.core.scales import Scale
 
 INSTALL_HINT = ("DECODE is installed with conda, not pip (PyPI's 'decode' is an unrelated package): "
                 "see https://github.com/TuragaLab/DECODE (release 0.10.2, 'conda install -c turagalab "
@@ -64,77 +64,64 @@ def resolve_backend_name(name: str = "auto") -> str:
     raise BackendError(f"Unknown backend {name!r}: use auto, decode or builtin.")
 
 
-class Backend:
-    """Built-in backend: decode-var's own classes with DECODE's conventions.
-
-    Every factory takes and returns built-in types at the seam (``decode_var.core.emitters.EmitterSet``),
-    so callers never see which backend they have; ``to_native`` is for the generators' inputs.
-    """
-
-    name = "builtin"
-
-    # emitters ---------------------------------------------------------------------------------
-    def to_native(self, em):
-        return em
-
-    def to_builtin(self, em):
-        return em
-
-    # targets and weights ----------------------------------------------------------------------
-    def target_generator(self, scale: Scale, roi_size: int):
-        from decode_var.data.targets import UnifiedEmbeddingTarget
-
-        return UnifiedEmbeddingTarget(scale.xextent, scale.yextent, scale.img_shape, roi_size)
-
-    def weight_generator(self, scale: Scale, roi_size: int):
-        from decode_var.data.targets import SimpleWeight
-
-        return SimpleWeight(scale.xextent, scale.yextent, scale.img_shape, roi_size)
-
-    # simulation -------------------------------------------------------------------------------
-    def simulator(self, param):
-        """A :class:`decode_var.data.simulation.Simulator` (``sample(n, seed) -> Batch``)."""
-        from decode_var.data.simulation import Simulator
-
-        return Simulator.parse(param)
-
-    # post-processing, matching, evaluation, emitter files -------------------------------------
-    def post_processing(self, param, scale: Scale):
-        """Physical-unit (N, 6, sx, sy) output on ``scale`` -> EmitterSet (``forward``), or None."""
-        from decode_var.evaluation import postprocessing
-
-        return postprocessing.parse(param, scale)
-
-    def matcher(self, param):
-        from decode_var.evaluation.matching import GreedyHungarianMatching
-
-        return GreedyHungarianMatching.parse(param)
-
-    def evaluate(self, tp, fp, fn, tp_match) -> dict:
-        from decode_var.evaluation.matching import evaluate
-
-        return evaluate(tp, fp, fn, tp_match)
-
-    def save_emitters(self, path, em) -> None:
-        from decode_var.data.emitter_io import save_emitters
-
-        save_emitters(path, em)
-
-    def load_emitters(self, path):
-        from decode_var.data.emitter_io import load_emitters
-
-        return load_emitters(path)
-
-
 @functools.lru_cache(maxsize=None)
 def _make(name: str) -> Backend:
     if name == "decode":
         from decode_var.backend.decode import DecodeBackend
 
         return DecodeBackend()
-    return Backend()
+    from decode_var.backend.builtin import BuiltinBackend
+
+    return BuiltinBackend()
 
 
 def get_backend(name: str = "auto") -> Backend:
     """The backend for ``VAR.backend`` (auto, decode or builtin)."""
     return _make(resolve_backend_name(name))
+
+
+def register_decode_classes() -> None:
+    """Put DECODE's models and losses into :mod:`decode_var.registry` when real DECODE is usable
+    (the registry calls this when it first looks a name up)."""
+    if decode_available():
+        from decode_var.backend.decode import register_decode_classes as _register
+
+        _register()
+
+
+def register_with_decode() -> list[str]:
+    """Add decode-var's models and losses to ``decode.neuralfitter.models`` / ``.loss``.
+
+    Each class goes in under its registry name (``VARMultiScale``; ``PPXYZB``, ``AdaptivePPXYZB``),
+    the name a param file's ``architecture`` / ``loss_impl`` uses. A name DECODE already defines is
+    never replaced (decode-var's ``PPXYZB`` class is called ``PPXYZBLoss`` in Python; DECODE's
+    ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name in DECODE's namespaces then
+    finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
+    """
+    resolve_backend_name("decode")  # clear error when DECODE is not usable
+    from decode_var.backend.decode import decode_namespaces
+    from decode_var.nn import LOSSES, MODELS
+
+    namespaces = decode_namespaces()
+    return (add_absent(namespaces["decode.neuralfitter.models"], MODELS, "decode.neuralfitter.models")
+            + add_absent(namespaces["decode.neuralfitter.loss"], LOSSES, "decode.neuralfitter.loss"))
+
+
+def add_absent(namespace, entries: dict, where: str) -> list[str]:
+    """Set ``namespace.<name> = cls`` for each entry whose name ``namespace`` does not have yet.
+
+    A plugin never replaces its host's names: a taken name is left as it is, with a warning naming
+    it (unless it already holds the same class, as after a second call). Returns the names added.
+    """
+    import warnings
+
+    added = []
+    for name, cls in entries.items():
+        if hasattr(namespace, name):
+            if getattr(namespace, name) is not cls:
+                warnings.warn(f"{where}.{name} exists already and is left as it is; decode-var's "
+                              f"{getattr(cls, '__name__', name)} stays reachable through decode_var.registry.")
+            continue
+        setattr(namespace, name, cls)
+        added.append(f"{where}.{name}")
+    return added

@@ -21,7 +21,8 @@ import decode.simulation.camera as _d_camera
 import decode.simulation.psf_kernel as _d_psf
 import decode.utils.emitter_io as _d_io
 
-from decode_var.backend import Backend
+from decode_var.backend.builtin import BuiltinBackend
+from decode_var import registry
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
 from decode_var.core.scales import Scale
@@ -50,16 +51,11 @@ class _CameraAdapter:
         return self.camera.forward(x)
 
 
-class DecodeBackend(Backend):
+class DecodeBackend(BuiltinBackend):
     name = "decode"
 
-    def make_task(self, param, model, loss):
-        """DECODE's GaussianMMLoss models (SigmaMUNet) get DECODE's param-list targets and chain."""
-        from decode_var.training.trainer import SixChannelTask
-
-        if isinstance(loss, _d_loss.GaussianMMLoss):
-            return GMMTask(param, self, model, loss)
-        return SixChannelTask(param, self, model, loss)
+    def gmm_chain(self, param):
+        return GMMChain(param, self)
 
     def to_native(self, em: EmitterSet):
         kw = {k: getattr(em, k) for k in _FIELDS if getattr(em, k) is not None}
@@ -192,7 +188,10 @@ def decode_losses() -> dict:
 
 
 class _GaussianMMLoss(_d_loss.GaussianMMLoss):
-    """DECODE's GaussianMMLoss with the ``parse(param)`` its live_engine builds inline."""
+    """DECODE's GaussianMMLoss with the ``parse(param)`` its live_engine builds inline; trained with
+    :class:`decode_var.training.tasks.GMMTask` (``task``)."""
+
+    task = "gmm"
 
     @classmethod
     def parse(cls, param):
@@ -201,26 +200,35 @@ class _GaussianMMLoss(_d_loss.GaussianMMLoss):
                    chweight_stat=param.HyperParameter.chweight_stat)
 
 
+def register_decode_classes() -> None:
+    """Record DECODE's models and losses in :mod:`decode_var.registry` (a built-in name is kept)."""
+    for name, cls in decode_models().items():
+        registry.register_model(name)(cls)
+    for name, cls in decode_losses().items():
+        registry.register_loss(name)(cls)
+
+
 def decode_namespaces() -> dict:
-    """DECODE's module namespaces that :func:`decode_var.registry.register_with_decode` adds names to."""
+    """DECODE's module namespaces that :func:`add_to_decode_namespaces` adds names to."""
     return {"decode.neuralfitter.models": _d_models, "decode.neuralfitter.loss": _d_loss}
 
 
-class GMMTask:
-    """Data, loss and post-processing for DECODE's SigmaMUNet + GaussianMMLoss (DECODE's live_engine chain).
+class GMMChain:
+    """DECODE's chain of SigmaMUNet + GaussianMMLoss (DECODE's live_engine), for
+    :class:`decode_var.training.tasks.GMMTask`.
 
     Targets: ParameterListTarget -> ParameterListRescale; output: InverseParamListRescale ->
     Offset2Coordinate -> SpatialIntegration / LookUp with the sigma channels.
     """
 
-    def __init__(self, param, backend, model, loss):
+    def __init__(self, param, backend):
         import decode.neuralfitter.scale_transform as _d_scale
 
-        self.param, self.backend, self.model, self.loss = param, backend, model, loss
+        self.param, self.backend = param, backend
         sim, sc = param.Simulation, param.Scaling
         self.n_max = param.HyperParameter.max_number_targets
         self.rescale = _d_scale.ParameterListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
-        self.inverse = _d_scale.InverseParamListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
+        self.inverse_rescale = _d_scale.InverseParamListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
         self.offset2coord = _d_coord.Offset2Coordinate(xextent=sim.psf_extent[0], yextent=sim.psf_extent[1],
                                                        img_shape=sim.img_size)
         th, px = param.PostProcessingParam.raw_th, param.Camera.px_size
@@ -231,7 +239,8 @@ class GMMTask:
             self.pp = _d_post.SpatialIntegration(raw_th=th, xy_unit="px", px_size=px)
         self.photon_min = param.HyperParameter.emitter_label_photon_min
 
-    def make_targets(self, batch, n):
+    def targets(self, batch, n):
+        """DECODE's (param list, mask, bg) targets of the batch's centre frames."""
         em = batch.em
         if self.photon_min is not None and len(em):
             em = em[em.phot >= self.photon_min]
@@ -241,21 +250,10 @@ class GMMTask:
         param_tar, mask, _ = gen.forward(self.backend.to_native(em), None)
         return self.rescale.forward(param_tar, mask, batch.bg_NHW.clone())
 
-    def train_forward(self, frames, tgt, n_active):
-        out = self.model(frames)
-        return self.loss(out, tgt, None), out
-
-    def physical_output(self, frames):
-        return self.inverse.forward(self.model(frames).float())
-
-    def fixed_loss(self, out_phys, tgt):
-        """None: GaussianMMLoss has no changing weights, so the test loss itself keeps its definition."""
-        return None
+    def inverse(self, output):
+        """Network output -> physical units (photons, px offsets, nm, photons / px)."""
+        return self.inverse_rescale.forward(output.float())
 
     def postprocess(self, out_phys):
         em = self.pp.forward(self.offset2coord.forward(out_phys.clone()))
         return self.backend.to_builtin(em)
-
-    def nonfinite_report(self, out, tgt):
-        bad = (~torch.isfinite(out)).flatten(2).sum(-1).sum(0).tolist()
-        return [f"output channel {c}: {int(n)} non-finite elements" for c, n in enumerate(bad) if n]

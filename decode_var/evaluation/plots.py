@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from decode_var.core.channels import CHANNELS
 
-CHANNELS = ("p", "phot", "x", "y", "z", "bg")
 
 
 def _plt():

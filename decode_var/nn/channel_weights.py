@@ -35,11 +35,11 @@ import numbers
 from typing import Mapping, Sequence
 
 from decode_var.core.errors import CheckpointError, ParamError
+from decode_var.core.channels import CHANNELS
 
 logger = logging.getLogger(__name__)
 
 #: Channel order of the 6-channel output, target and weight tensors.
-CHANNELS = ("p", "phot", "x", "y", "z", "bg")
 
 #: Named static channel weights, in :data:`CHANNELS` order.
 PRESETS = {

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from decode_var.nn.channel_weights import CHANNELS, PRESETS, AdaptiveChannelWeights, resolve_channel_weights
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
 from decode_var.nn.progressive import SCHEDULES, ScaleWeightSchedule, build_schedule
+from decode_var.registry import register_loss
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ def _as_list(x: TensorOrList, what: str) -> list[torch.Tensor]:
 _SCALE_BALANCE = ("mean", "cells")
 
 
+@register_loss("PPXYZB")
 class PPXYZBLoss:
     """6-channel loss with static channel weights and a progressive scale schedule (``PPXYZB``).
 
@@ -399,6 +401,7 @@ class PPXYZBLoss:
                 f"channel_weights=[{w}], schedule={self.schedule!r}, epoch={self.epoch:g})")
 
 
+@register_loss("AdaptivePPXYZB")
 class AdaptivePPXYZBLoss(PPXYZBLoss):
     """:class:`PPXYZBLoss` whose channel weights follow the adaptive rule (``AdaptivePPXYZB``).
 

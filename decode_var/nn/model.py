@@ -42,6 +42,7 @@ from decode_var.core.errors import CheckpointError, ParamError, ShapeError
 from decode_var.nn.blocks import (FrameEncoder, RefineStage, ScaleTransformer, WindowLayout,
                            recentre, recentre_upsample, resample)
 from decode_var.core.scales import ScaleSchedule
+from decode_var.registry import register_model
 
 CONDITIONING = ("next_scale", "independent", "single")
 #: Version of what a VARMultiScale checkpoint means. 2: conditioning offsets in cells of each scale
@@ -64,6 +65,7 @@ def _size_multiple(factors: Sequence[float]) -> int:
     return math.lcm(*(Fraction(f).limit_denominator(1024).denominator for f in factors))
 
 
+@register_model()
 class VARMultiScale(nn.Module):
     """Next-scale-prediction emitter model with DECODE's model interface.
 
@@ -268,8 +270,15 @@ class VARMultiScale(nn.Module):
         return start + (end - start) * min(max(epoch, 0.0) / epochs, 1.0)
 
     def set_epoch(self, epoch: float) -> None:
-        """Set ``teacher_forcing`` from the schedule (the engine calls this once per epoch)."""
+        """Set ``teacher_forcing`` from the schedule (the trainer calls this at the start of every epoch,
+        through :meth:`decode_var.training.tasks.SixChannelTask.start_epoch`)."""
         self.teacher_forcing = self.teacher_forcing_at(epoch)
+
+    def seed_coins(self, seed: int) -> None:
+        """Seed the teacher-forcing coins (``tf_generator``) for one training step: a function of
+        (seed, epoch, step, rank), so that a resumed run draws the same coins."""
+        if self.tf_generator is not None:
+            self.tf_generator.manual_seed(seed ^ 0x5DEECE66D)
 
     def _teacher_coin(self, N: int, device) -> Optional[torch.Tensor]:
         """(N,) bool: which samples condition on ground truth; None when none can."""

@@ -45,6 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from decode_var.core.errors import DecodeVarError
+from decode_var.core.seeds import derive_seed
 
 #: Default of ``VAR.train.ddp_timeout``: seconds a rank waits for the others in a collective.
 DEFAULT_TIMEOUT_S = 300.0
@@ -92,6 +93,21 @@ class DistContext:
     def comm_device(self) -> torch.device:
         """Where collective tensors live (NCCL needs them on this rank's GPU)."""
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ seeds
+    @property
+    def rank_tag(self) -> str:
+        """Prefix of this rank's warnings ('' without a process group)."""
+        return f"rank {self.rank}: " if self.active else ""
+
+    def step_seed(self, seed: int, epoch: int, step: int) -> int:
+        """Seed of the global torch RNG in a step (teacher-forcing coins, dropout), rank-offset."""
+        return derive_seed(seed, epoch, step, 1, self.rank)
+
+    def data_seed(self, seed: int, epoch: int, step: int, batch_size: int) -> list[int]:
+        """One seed per sample of this rank's slice of the global batch: sample i of (epoch, step) is
+        the same whichever rank simulates it."""
+        return [derive_seed(seed, epoch, step, 2, i) for i in sample_indices(self.rank, batch_size)]
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
@@ -155,6 +171,21 @@ class DistContext:
             f"the machines failed; no rank waits longer than VAR.train.ddp_timeout = {self.timeout_s:g} s. The last "
             f"checkpoint {where} is complete (rank 0 writes it atomically): resume by starting the same torchrun "
             f"command with --resume {where}.")
+
+
+class SingleProcess(DistContext):
+    """The plain single-process run: one seed per batch, collectives are the identity.
+
+    The trainer talks to this and to :class:`DistContext` through the same methods, so its step
+    code has no single-process branches. (``DistContext()`` with ``world_size=1`` is the
+    single-process reference of the *distributed* data path, with per-sample seeds; this is not.)
+    """
+
+    def step_seed(self, seed: int, epoch: int, step: int) -> int:
+        return derive_seed(seed, epoch, step, 1)
+
+    def data_seed(self, seed: int, epoch: int, step: int, batch_size: int) -> int:
+        return derive_seed(seed, epoch, step, 2)
 
 
 # ---------------------------------------------------------------------- setup

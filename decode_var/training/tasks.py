@@ -1,0 +1,230 @@
+"""Tasks: what the trainer asks of a (model, loss) pair, so that its loop has no type probes.
+
+- :class:`SixChannelTask`: models with 6-channel ``[p, phot, x, y, z, bg]`` maps on one or more
+  scales (VARMultiScale) and the 6-channel losses (AdaptivePPXYZB, PPXYZB, DECODE's PPXYZBLoss);
+  targets and weights from the backend's generators on every scale.
+- :class:`GMMTask`: DECODE's parameter-list models (SigmaMUNet + GaussianMMLoss), with DECODE's
+  target and output chain from :meth:`decode_var.backend.base.Backend.gmm_chain`.
+
+A loss class chooses its task with a class attribute ``task`` (``"six_channel"``, the default, or
+``"gmm"``). Units: ``physical_output`` returns photons, px offsets from the cell centre, nm and
+photons / px; everything the model sees or returns inside a step is in network units (see
+:class:`decode_var.data.targets.TargetRescale`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import torch
+
+from decode_var.core.channels import CHANNELS
+from decode_var.core.scales import ScaleSchedule
+from decode_var.data.targets import MultiScaleTargets, TargetRescale
+from decode_var.nn.loss import PPXYZBLoss, unit_weight_loss
+from decode_var.nn.model import VARMultiScale
+
+
+class Task(ABC):
+    """Data, forward, loss bookkeeping and post-processing of one kind of model.
+
+    Attributes:
+        model: the network (the trainer's optimiser holds its parameters).
+        loss: the loss object (its state goes into checkpoints, :meth:`loss_state`).
+    """
+
+    def __init__(self, param, backend, model, loss):
+        self.param, self.backend, self.model, self.loss = param, backend, model, loss
+
+    # data and forward -------------------------------------------------------------------------
+    @abstractmethod
+    def make_targets(self, batch, n: int):
+        """Targets (and weights) of a simulated batch, on the CPU, in network units."""
+
+    @abstractmethod
+    def train_forward(self, frames, tgt, model=None):
+        """(per-element loss, raw output) of a training step; ``model``: a wrapper of :attr:`model`
+        (DDP) to call instead."""
+
+    @abstractmethod
+    def physical_output(self, frames) -> torch.Tensor:
+        """Eval output in physical units (what the post-processing reads)."""
+
+    @abstractmethod
+    def postprocess(self, out_phys):
+        """EmitterSet of a physical output, or None without post-processing."""
+
+    def fixed_loss(self, out_phys, tgt) -> Optional[torch.Tensor]:
+        """Per-sample loss of a definition that does not change during the run; None: the test loss
+        itself keeps its definition."""
+        return None
+
+    def nonfinite_report(self, out, tgt) -> list[str]:
+        """Where non-finite values are, one line each (after a non-finite loss)."""
+        bad = (~torch.isfinite(out)).flatten(2).sum(-1).sum(0).tolist()
+        return [f"output channel {c}: {int(n)} non-finite elements" for c, n in enumerate(bad) if n]
+
+    def log(self, loss_val) -> tuple[float, dict]:
+        """(total, components) of a per-element loss (DECODE's ``Loss.log``)."""
+        return self.loss.log(loss_val)
+
+    # epochs -----------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> float:
+        """Set the epoch's schedules; returns the teacher-forcing probability (0 without one)."""
+        return 0.0
+
+    def seed_step(self, seed: int) -> None:
+        """Seed the model's own random streams for a step (exact resume)."""
+
+    @property
+    def active_scales(self) -> Optional[int]:
+        """Scales the loss trains this epoch (None: the model's only output)."""
+        return None
+
+    def end_epoch(self, train_components: Optional[dict]) -> tuple[list, list]:
+        """Epoch-end update of adaptive weights from the epoch's mean channel losses (None: no good step,
+        no update); returns (channel weights, scale weights) for the log."""
+        return [], []
+
+    def loss_state(self) -> dict:
+        return {}
+
+    def load_loss_state(self, state: dict) -> None:
+        """Restore :meth:`loss_state` (nothing to restore by default)."""
+
+    def test_loss_mode(self):
+        """Context of the test loss: teacher forcing off (the model conditions on its own predictions)."""
+        return _TeacherForcingOff(self.model if isinstance(self.model, VARMultiScale) else None)
+
+
+class SixChannelTask(Task):
+    """6-channel models (VARMultiScale + AdaptivePPXYZB, ...): targets and weights on every scale."""
+
+    def __init__(self, param, backend, model, loss):
+        super().__init__(param, backend, model, loss)
+        param = param_for_model_scales(param, model)
+        self.schedule = ScaleSchedule.parse(param)
+        self.targets = MultiScaleTargets.parse(param, backend)
+        self.rescale = TargetRescale.parse(param)
+        self.post = backend.post_processing(param, self.schedule.finest)
+        self.progressive = isinstance(model, VARMultiScale)  # teacher forcing, coins, scale outputs
+        self.scheduled = isinstance(loss, PPXYZBLoss)  # scale and channel weights with a state
+
+    def make_targets(self, batch, n):
+        return self.targets(batch.em, batch.bg_NHW, n)
+
+    def train_forward(self, frames, tgt, model=None):
+        targets, weights = tgt
+        n_active = self.active_scales
+        out = (model or self.model)(frames, targets=targets[:n_active], n_active=n_active)
+        return self.loss(out, targets, weights), out
+
+    def physical_output(self, frames) -> torch.Tensor:
+        """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1)."""
+        out = self.model(frames)
+        return self.rescale.inverse(out.float(), self.schedule.finest.cell_size)
+
+    def fixed_loss(self, out_phys_N6HW, tgt) -> torch.Tensor:
+        """Per-sample loss ``(N,)`` of the finest scale with unit channel weights, from the eval output of
+        :meth:`physical_output`: a definition that does not change during the run (training curves)."""
+        targets, weights = tgt
+        out_N6HW = self.rescale.forward(out_phys_N6HW, self.schedule.finest.cell_size)
+        return unit_weight_loss(out_N6HW, targets[-1], weights[-1])
+
+    def postprocess(self, out_phys):
+        return self.post.forward(out_phys) if self.post is not None else None
+
+    def nonfinite_report(self, out, tgt):
+        if not self.scheduled:
+            return super().nonfinite_report(out, tgt)
+        return self.loss.nonfinite_report(out, tgt[0][:len(out)], tgt[1][:len(out)])
+
+    def start_epoch(self, epoch: int) -> float:
+        if self.scheduled:
+            self.loss.set_epoch(epoch)
+        if not self.progressive:
+            return 0.0
+        self.model.set_epoch(epoch)
+        return self.model.teacher_forcing
+
+    def seed_step(self, seed: int) -> None:
+        if self.progressive:
+            self.model.seed_coins(seed)
+
+    @property
+    def active_scales(self) -> Optional[int]:
+        return self.loss.active_scales if self.scheduled else None
+
+    def end_epoch(self, train_components: Optional[dict]) -> tuple[list, list]:
+        if not self.scheduled:
+            return [], []
+        if train_components is not None:
+            self.loss.update_epoch(train_components)
+        return [float(w) for w in self.loss.channel_weights], [float(w) for w in self.loss.scale_weights]
+
+    def loss_state(self) -> dict:
+        return self.loss.state_dict() if self.scheduled else {}
+
+    def load_loss_state(self, state: dict) -> None:
+        if self.scheduled and state:
+            self.loss.load_state_dict(state)
+
+
+class GMMTask(Task):
+    """DECODE's SigmaMUNet + GaussianMMLoss, with DECODE's parameter-list targets and output chain."""
+
+    def __init__(self, param, backend, model, loss):
+        super().__init__(param, backend, model, loss)
+        self.chain = backend.gmm_chain(param)
+
+    def make_targets(self, batch, n):
+        return self.chain.targets(batch, n)
+
+    def train_forward(self, frames, tgt, model=None):
+        out = (model or self.model)(frames)
+        return self.loss(out, tgt, None), out
+
+    def physical_output(self, frames):
+        return self.chain.inverse(self.model(frames))
+
+    def postprocess(self, out_phys):
+        return self.chain.postprocess(out_phys)
+
+
+TASKS = {"six_channel": SixChannelTask, "gmm": GMMTask}
+
+
+def make_task(param, backend, model, loss) -> Task:
+    """The task the loss class asks for (``task`` class attribute; six-channel by default)."""
+    return TASKS[getattr(type(loss), "task", "six_channel")](param, backend, model, loss)
+
+
+def param_for_model_scales(param, model):
+    """The param with VAR.scales as the model predicts them (an ablation may predict fewer scales)."""
+    if not isinstance(model, VARMultiScale) or list(model.schedule.factors) == [float(f) for f in param.VAR.scales]:
+        return param
+    from decode_var.config.param import param_from_dict
+
+    data = param.to_dict()
+    data["VAR"]["scales"] = list(model.schedule.factors)
+    return param_from_dict(data)
+
+
+def component_vector(loss_total: float, components: dict) -> list[float]:
+    """``[total, p, phot, x, y, z, bg]`` of one step, for the epoch means."""
+    return [loss_total] + [components.get(c, 0.0) for c in CHANNELS]
+
+
+class _TeacherForcingOff:
+    def __init__(self, model):
+        self.model, self.saved = model, None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.saved, self.model.teacher_forcing = self.model.teacher_forcing, 0.0
+        return self
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.teacher_forcing = self.saved
+        return False
