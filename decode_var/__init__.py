@@ -9,7 +9,9 @@ Public entry points:
 """
 __version__ = "0.2.0"
 
-from decode_var.core.channels import CHANNELS  # noqa: E402  (public name)
+from decode_var.core.channels import CHANNELS  # noqa: E402
+
+__all__ = ["CHANNELS", "register_with_decode", "__version__"]
 
 
 def register_with_decode():

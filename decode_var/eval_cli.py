@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from decode_var.core.errors import DecodeVarError, InputDataError
+from decode_var.core.errors import DecodeVarError
+from decode_var.core.log import note
 
 
 def parse_args(argv=None):
@@ -125,7 +125,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         image_unit = "photons"
     else:
         from decode_var.core.emitters import EmitterSet
-        from decode_var.fit import check_stack_dtype, localize_stack, resolve_batch_size
+        from decode_var.inference.stack import check_stack_dtype, localize_stack, resolve_batch_size
         from decode_var.data.tiff import TiffStack
 
         stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
@@ -151,7 +151,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
             plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
                              frame_image=frame_image, image_unit=image_unit)
     elif frames is not None and emitters is None:
-        print("[decode-var] no --emitters given: localizations written, no metrics.", file=sys.stderr)
+        note("no --emitters given: localizations written, no metrics.")
     save_emitters(out / "emitters.csv", em_out)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from decode_var.core.errors import DecodeVarError, ParamError
+from decode_var.core.log import note, warn
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -128,7 +128,7 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
         param.Hardware.num_worker_train = num_worker_override
     device = device or param.Hardware.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"[decode-var] {device} is not available here; training on the CPU.", file=sys.stderr)
+        warn(f"{device} is not available here; training on the CPU.")
         device = "cpu"
     torch.set_num_threads(int(param.Hardware.torch_threads))
     if param.Hardware.device_simulation != "cpu" and device == "cpu":
@@ -139,8 +139,8 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
         ctx, device = distributed.init_from_env(device, timeout)
     is_main = ctx is None or ctx.is_main
     if param.Hardware.num_worker_train and is_main:  # DECODE's param files carry 4: accepted, said to do nothing
-        print(f"[decode-var] Hardware.num_worker_train = {param.Hardware.num_worker_train} is ignored: batches are "
-              "simulated in the training process (see decode_var.train.check_num_workers).", file=sys.stderr)
+        warn(f"Hardware.num_worker_train = {param.Hardware.num_worker_train} is ignored: batches are simulated in "
+             "the training process (see decode_var.train.check_num_workers).")
     # files are read and written by rank 0 alone; its result (or error) reaches every rank
     on_main = ctx.run_on_main if ctx is not None else (lambda fn: fn())
     state = on_main(lambda: load_checkpoint(param.InOut.checkpoint_init)) if param.InOut.checkpoint_init else None
@@ -158,14 +158,13 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
     if state is not None:
         trainer.load_state_dict(state)
         if is_main:
-            print(f"[decode-var] resuming {exp} at epoch {trainer.epoch}"
-                  + (f", step {trainer._partial['step']}" if trainer._partial else ""), file=sys.stderr)
+            note(f"resuming {exp} at epoch {trainer.epoch}"
+                 + (f", step {trainer._partial['step']}" if trainer._partial else ""))
     if progress and is_main:
         where = f"  ranks {ctx.world_size} ({ctx.backend}), global batch " \
                 f"{param.HyperParameter.batch_size * ctx.world_size}" if ctx is not None else ""
-        print(f"[decode-var] experiment {exp}  backend {trainer.backend.name}  model "
-              f"{param.HyperParameter.architecture}  loss {param.HyperParameter.loss_impl}  device {device}{where}",
-              file=sys.stderr)
+        note(f"experiment {exp}  backend {trainer.backend.name}  model {param.HyperParameter.architecture}  "
+             f"loss {param.HyperParameter.loss_impl}  device {device}{where}")
     try:
         trainer.fit()
     except RuntimeError as err:

@@ -6,8 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from decode_var.backend import decode_available
 from decode_var.core.errors import ParamError, ShapeError
-from decode_var.evaluation.postprocessing import (LookUpPostProcessing, NoPostProcessing, SpatialIntegration, bin_centres,
-                                       parse, post_processing_from_param)
+from decode_var.evaluation.postprocessing import (LookUpPostProcessing, SpatialIntegration, bin_centres,
+                                       parse)
 from decode_var.core.scales import ScaleSchedule
 
 EXT = (-0.5, 15.5)
@@ -156,15 +156,15 @@ def _param(scales=None, pp="SpatialIntegration"):
         Camera=types.SimpleNamespace(px_size=[100.0, 100.0]),
         TestSet=types.SimpleNamespace(img_size=[16, 16], frame_extent=[[-0.5, 15.5], [-0.5, 15.5], None]),
         Simulation=types.SimpleNamespace(img_size=[16, 16], psf_extent=[[-0.5, 15.5], [-0.5, 15.5], None]),
-        VAR=types.SimpleNamespace(scales=scales))
+        VAR=types.SimpleNamespace(scales=scales or [1.0]))
 
 
 def test_parse():
     pp = SpatialIntegration.parse(_param([0.5, 1.0, 2.0]))
     assert pp.img_shape == (32, 32) and pp.raw_th == 0.4 and pp.xextent == (-0.5, 15.5)
     assert LookUpPostProcessing.parse(_param()).img_shape == (16, 16)
-    assert isinstance(post_processing_from_param(_param(pp="LookUp")), LookUpPostProcessing)
-    assert isinstance(post_processing_from_param(_param(pp=None)), NoPostProcessing)
+    assert isinstance(parse(_param(pp="LookUp")), LookUpPostProcessing)
+    assert parse(_param(pp=None)) is None
     scale = ScaleSchedule.parse(_param([0.5, 1.0, 2.0])).finest
     pp = parse(_param([0.5, 1.0, 2.0]), scale)
     assert isinstance(pp, SpatialIntegration) and pp.img_shape == (32, 32)

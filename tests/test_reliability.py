@@ -369,7 +369,7 @@ def test_fit_non_finite_model_output_names_the_frame(model_dir, tmp_path, capsys
 
 
 def test_check_block_values_names_the_stack_frames():
-    from decode_var.fit import check_block_values
+    from decode_var.inference.stack import check_block_values
 
     frames = torch.ones(6, 8, 8)
     frames[3, 2, 2] = float("nan")  # block frame 3 is stack frame 7 when the block starts at frame 4

@@ -19,7 +19,6 @@ import decode.neuralfitter.target_generator as _d_target
 import decode.neuralfitter.weight_generator as _d_weight
 import decode.simulation.camera as _d_camera
 import decode.simulation.psf_kernel as _d_psf
-import decode.utils.emitter_io as _d_io
 
 from decode_var.backend.builtin import BuiltinBackend
 from decode_var import registry

@@ -17,7 +17,7 @@ import functools
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import yaml
 
@@ -288,15 +288,15 @@ def _check_int(key: str, v, lo: int, hi: float = math.inf, what: str = "") -> No
 
 
 def _check_num(key: str, v, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
-               what: str = "") -> None:
-    """``key`` must be a finite number in [lo, hi] (or (lo, hi] with ``lo_open``)."""
-    ok = _is_finite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+               what: str = "", hi_open: bool = False) -> None:
+    """``key`` must be a finite number in [lo, hi] (open ends with ``lo_open`` / ``hi_open``)."""
+    ok = _is_finite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if lo == -math.inf and hi == math.inf:
         rng = "a finite number"
     elif hi == math.inf:
         rng = f"a number {'>' if lo_open else '>='} {lo}"
     else:
-        rng = f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+        rng = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     _require(ok, f"{key} must be {rng}{what}, got {v!r}.")
 
 
@@ -333,13 +333,22 @@ def _check_perlin(sim: Param) -> None:
 def validate(param: Param) -> None:
     """Check every value the plugin reads; raise one :class:`ParamError` naming key and fix.
 
-    Types, finiteness and ranges are checked here, before anything is built: a wrong value never
-    surfaces later as a bare TypeError deep inside a component. (Keys of ``VAR.loss`` and ``VAR.model``
-    are checked by the loss and the model when they are built, with the same kind of message.)
+    Types, finiteness and ranges are checked here, once, before anything is built: a wrong value never
+    surfaces later as a bare TypeError deep inside a component. Defaults are filled before, from
+    ``reference.yaml`` (:func:`autofill`); the two together are the one place of the configuration.
     """
-    from decode_var.core.scales import ScaleSchedule
+    _check_simulation(param.Simulation)
+    _check_camera(param.Camera)
+    _check_hyperparameter(param.HyperParameter)
+    _check_hardware_and_files(param)
+    _check_output_and_evaluation(param)
+    _check_scaling(param.Scaling)
+    _check_var(param)
+    _check_var_model(param.VAR.model)
+    _check_var_train(param)
 
-    sim, cam, hp, var = param.Simulation, param.Camera, param.HyperParameter, param.VAR
+
+def _check_simulation(sim: Param) -> None:
     img = sim.img_size
     _require(isinstance(img, (list, tuple)) and len(img) == 2 and all(_is_finite(v) and int(v) == v and v >= 4
                                                                       for v in img),
@@ -359,10 +368,12 @@ def validate(param: Param) -> None:
     else:
         _check_num("Simulation.emitter_av", av, 0, what=" (emitters per frame, or a range [low, high])")
     _check_perlin(sim)
-    _check_num("VAR.bg_drift", var.bg_drift, 0, 1, what=" (relative change of the smooth background per frame)")
     _check_num("Simulation.lifetime_avg", sim.lifetime_avg, 0, lo_open=True, what=" (frames)")
     _require(sim.intensity_th is None or _is_finite(sim.intensity_th),
              f"Simulation.intensity_th must be a number (photons) or empty, got {sim.intensity_th!r}.")
+
+
+def _check_camera(cam: Param) -> None:
     for key in ("qe", "e_per_adu", "read_sigma", "spur_noise", "baseline"):
         _check_num(f"Camera.{key}", getattr(cam, key), 0)
     _require(0 < cam.qe <= 1, f"Camera.qe must be in (0, 1], got {cam.qe!r}.")
@@ -374,6 +385,9 @@ def validate(param: Param) -> None:
     px = cam.px_size
     _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_finite(v) and v > 0 for v in px),
              f"Camera.px_size must be two numbers > 0 (nm per px), got {px!r}.")
+
+
+def _check_hyperparameter(hp: Param) -> None:
     for key in ("architecture", "loss_impl"):
         v = getattr(hp, key)
         _require(isinstance(v, str) and v.strip() != "", f"HyperParameter.{key} must be a name "
@@ -407,6 +421,9 @@ def validate(param: Param) -> None:
     _require(hp.learning_rate_scheduler in scheds,
              f"HyperParameter.learning_rate_scheduler must be one of {scheds}, got {hp.learning_rate_scheduler!r}."
              + (_suggest(hp.learning_rate_scheduler, scheds) if isinstance(hp.learning_rate_scheduler, str) else ""))
+
+
+def _check_hardware_and_files(param: Param) -> None:
     hw = param.Hardware
     _require(isinstance(hw.device, str) and hw.device.strip() != "",
              f"Hardware.device must be a device name (cpu, cuda, cuda:0, ...), got {hw.device!r}.")
@@ -420,6 +437,9 @@ def validate(param: Param) -> None:
         _require(v is None or isinstance(v, str), f"InOut.{key} must be a path or empty, got {v!r}.")
     _require(isinstance(param.InOut.experiment_out, str) and param.InOut.experiment_out.strip() != "",
              f"InOut.experiment_out must be a folder, got {param.InOut.experiment_out!r}.")
+
+
+def _check_output_and_evaluation(param: Param) -> None:
     _require(_is_finite(param.PostProcessingParam.raw_th) and 0 < param.PostProcessingParam.raw_th < 1,
              f"PostProcessingParam.raw_th must be in (0, 1), got {param.PostProcessingParam.raw_th!r}.")
     _require(param.PostProcessing in (None, "SpatialIntegration", "LookUp"),
@@ -432,18 +452,28 @@ def validate(param: Param) -> None:
         _require(_is_number(v) and v > 0, f"Evaluation.{key} must be > 0 nm, got {v!r}.")
     _require(ev.dist_vol is None or (_is_number(ev.dist_vol) and ev.dist_vol > 0),
              f"Evaluation.dist_vol must be > 0 nm or empty, got {ev.dist_vol!r}.")
+
+
+def _check_scaling(scaling: Param) -> None:
     for key in ("input_scale", "phot_max", "z_max", "bg_max"):
-        v = getattr(param.Scaling, key)
+        v = getattr(scaling, key)
         _require(_is_number(v) and v > 0 and math.isfinite(v),
                  f"Scaling.{key} must be > 0 (derived from Simulation when empty), got {v!r}. "
                  f"Set it, or fix the Simulation values it is derived from.")
-    _require(_is_finite(param.Scaling.input_offset),
+    _require(_is_finite(scaling.input_offset),
              f"Scaling.input_offset must be a number (photons / px; derived from Simulation.bg_uniform when "
-             f"empty), got {param.Scaling.input_offset!r}.")
+             f"empty), got {scaling.input_offset!r}.")
+
+
+def _check_var(param: Param) -> None:
+    sim, var = param.Simulation, param.VAR
+    _check_num("VAR.bg_drift", var.bg_drift, 0, 1, what=" (relative change of the smooth background per frame)")
     _check_choice("VAR.backend", var.backend, ("auto", "decode", "builtin"))
     _check_choice("VAR.psf", var.psf, ("gaussian", "spline"))
     _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
-    ScaleSchedule(img, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
+    from decode_var.core.scales import ScaleSchedule
+
+    ScaleSchedule(sim.img_size, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
     g = var.gaussian_psf
     for key in ("sigma_0", "rl_range"):
         _check_num(f"VAR.gaussian_psf.{key}", getattr(g, key), 0, lo_open=True)
@@ -457,9 +487,28 @@ def validate(param: Param) -> None:
     for key in ("start", "end"):
         _check_num(f"VAR.teacher_forcing.{key}", getattr(tf, key), 0, 1, what=" (a probability)")
     _check_int("VAR.teacher_forcing.epochs", tf.epochs, 0)
+
+
+def _check_var_model(vm: Param) -> None:
+    """``VAR.model``: the network's shape (the model reads these values as they are)."""
+    for key in ("features", "token_dim", "depth", "heads", "window"):
+        _check_int(f"VAR.model.{key}", vm.get(key), 1)
+    _require(vm.token_dim % vm.heads == 0, f"VAR.model.token_dim = {vm.token_dim} is not divisible by "
+             f"VAR.model.heads = {vm.heads}; pick e.g. token_dim {vm.heads * max(1, round(vm.token_dim / vm.heads))}.")
+    _check_num("VAR.model.mlp_ratio", vm.mlp_ratio, 0, lo_open=True)
+    _check_num("VAR.model.token_max_factor", vm.token_max_factor, 0)
+    _check_choice("VAR.model.conditioning", vm.conditioning, ("next_scale", "independent", "single"))
+    _require(isinstance(vm.detach_condition, bool),
+             f"VAR.model.detach_condition must be true or false, got {vm.detach_condition!r}.")
+    if vm.p_init is not None:
+        _check_num("VAR.model.p_init", vm.p_init, 0, 1, lo_open=True, hi_open=True,
+                   what=" (initial p per finest cell; empty = from Simulation.emitter_av)")
+
+
+def _check_var_train(param: Param) -> None:
+    var, hp = param.VAR, param.HyperParameter
     tr = var.train
     _check_num("VAR.train.grad_clip", tr.grad_clip, 0, what=" (0 = off)")
-    hp = param.HyperParameter
     grad_mod = getattr(hp, "grad_mod", None)
     _require(grad_mod is None or isinstance(grad_mod, bool),
              f"HyperParameter.grad_mod must be true (DECODE's gradient clipping at norm 0.03), false or empty "
@@ -474,6 +523,8 @@ def validate(param: Param) -> None:
     if var.psf == "spline" and not param.InOut.calibration_file:
         raise ParamError("VAR.psf is spline but InOut.calibration_file is empty. Set it to your SMAP spline "
                          "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")
+
+
 
 
 def save_param(path: Union[str, Path], param: Union[Param, dict]) -> None:

@@ -46,10 +46,8 @@ _INT_COLUMNS = ("frame_ix", "id")
 
 
 def _version() -> str:
-    try:
-        from decode_var import __version__
-    except ImportError:
-        __version__ = "unknown"
+    from decode_var import __version__
+
     return f"decode-var-{__version__}"
 
 

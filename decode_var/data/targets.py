@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ShapeError
-from decode_var.core.scales import Scale, ScaleSchedule
+from decode_var.core.scales import ScaleSchedule
 
 
 def frame_grid(img_shape, xextent, yextent):

@@ -67,7 +67,6 @@ def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, 
     frame panels.
     """
     import numpy as np
-    import torch
 
     from decode_var.core.atomic import atomic_write
 

@@ -21,8 +21,7 @@ import torch
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError, ShapeError
 
-__all__ = ["LookUpPostProcessing", "SpatialIntegration", "NoPostProcessing", "post_processing_from_param",
-           "parse", "bin_centres"]
+__all__ = ["LookUpPostProcessing", "SpatialIntegration", "parse", "bin_centres"]
 
 
 def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: Sequence[int]):
@@ -38,39 +37,6 @@ def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: S
 
     _, _, ctr_x, ctr_y = frame_grid([int(s) for s in img_shape], xextent, yextent)
     return ctr_x, ctr_y
-
-
-def _grid_from_param(param, img_shape):
-    """(xextent, yextent, img_shape) of the finest output grid from the param namespace."""
-    test = param.TestSet
-    in_shape = tuple(int(s) for s in test.img_size)
-    extent = getattr(test, "frame_extent", None)
-    xextent = tuple(extent[0]) if extent and extent[0] is not None else (-0.5, in_shape[0] - 0.5)
-    yextent = tuple(extent[1]) if extent and extent[1] is not None else (-0.5, in_shape[1] - 0.5)
-    if img_shape is None:
-        scales = getattr(getattr(param, "VAR", None), "scales", None)
-        if scales:
-            from decode_var.core.scales import ScaleSchedule
-            img_shape = ScaleSchedule(in_shape, scales, xextent=xextent, yextent=yextent).finest.img_shape
-        else:
-            img_shape = in_shape
-    return xextent, yextent, tuple(int(s) for s in img_shape)
-
-
-class NoPostProcessing:
-    """Always returns an empty EmitterSet (DECODE's ``PostProcessing: null``)."""
-
-    def __init__(self, xy_unit: str = "px", px_size=None):
-        self.xy_unit, self.px_size = xy_unit, px_size
-
-    @classmethod
-    def parse(cls, param, **kwargs):
-        return cls(xy_unit="px", px_size=param.Camera.px_size, **kwargs)
-
-    def forward(self, output_N6HW: torch.Tensor) -> EmitterSet:
-        return EmitterSet.empty(xy_unit=self.xy_unit, px_size=self.px_size)
-
-    __call__ = forward
 
 
 class LookUpPostProcessing:
@@ -117,15 +83,16 @@ class LookUpPostProcessing:
         self._ctr_cache = {}
 
     @classmethod
-    def parse(cls, param, img_shape: Optional[Sequence[int]] = None, **kwargs):
-        """From ``PostProcessingParam.raw_th``, ``Camera.px_size``, ``TestSet.frame_extent/img_size``.
+    def parse(cls, param, scale=None, **kwargs):
+        """From ``PostProcessingParam.raw_th`` and ``Camera.px_size``, on the output grid ``scale`` (a
+        :class:`decode_var.core.scales.Scale`; default: the finest of the param's
+        :class:`~decode_var.core.scales.ScaleSchedule`, the one description of every grid)."""
+        if scale is None:
+            from decode_var.core.scales import ScaleSchedule
 
-        The output grid is ``img_shape`` when given, else the finest of ``VAR.scales`` on
-        ``TestSet.img_size`` (the 1x grid when ``VAR.scales`` is absent).
-        """
-        xextent, yextent, img_shape = _grid_from_param(param, img_shape)
+            scale = ScaleSchedule.parse(param).finest
         kw = dict(raw_th=param.PostProcessingParam.raw_th, xy_unit="px", px_size=param.Camera.px_size,
-                  xextent=xextent, yextent=yextent, img_shape=img_shape)
+                  xextent=scale.xextent, yextent=scale.yextent, img_shape=scale.img_shape)
         kw.update(kwargs)
         return cls(**kw)
 
@@ -258,28 +225,15 @@ class SpatialIntegration(LookUpPostProcessing):
 _PP_CLASSES = {"SpatialIntegration": SpatialIntegration, "NMS": SpatialIntegration, "LookUp": LookUpPostProcessing}
 
 
-def post_processing_from_param(param, img_shape: Optional[Sequence[int]] = None):
-    """The post-processing named by ``param.PostProcessing`` (SpatialIntegration, LookUp or empty)."""
-    name = getattr(param, "PostProcessing", None)
-    if name is None or name == "":
-        return NoPostProcessing.parse(param)
-    if name not in _PP_CLASSES:
-        raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
-    return _PP_CLASSES[name].parse(param, img_shape=img_shape)
-
-
 def parse(param, scale=None):
     """Post-processing for the output grid ``scale`` (a :class:`decode_var.core.scales.Scale`), or None.
 
-    None when ``param.PostProcessing`` is empty (DECODE then fits no emitters). Without ``scale`` the
-    finest of ``VAR.scales`` on ``TestSet`` is used (see :func:`post_processing_from_param`).
+    None when ``param.PostProcessing`` is empty (DECODE then fits no emitters). Without ``scale``: the
+    finest scale of the param's :class:`~decode_var.core.scales.ScaleSchedule`.
     """
     name = getattr(param, "PostProcessing", None)
     if name is None or name == "":
         return None
     if name not in _PP_CLASSES:
         raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
-    if scale is None:
-        return _PP_CLASSES[name].parse(param)
-    return _PP_CLASSES[name](raw_th=param.PostProcessingParam.raw_th, xy_unit="px", px_size=param.Camera.px_size,
-                             xextent=scale.xextent, yextent=scale.yextent, img_shape=scale.img_shape)
+    return _PP_CLASSES[name].parse(param, scale)

@@ -306,9 +306,8 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
 
     Returns the paths written.
     """
-    import sys
-
     from decode_var.config.param import load_param
+    from decode_var.core.log import warn
     from decode_var.data.tiff import TiffStack
 
     param = load_param(param_file)
@@ -329,5 +328,5 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
             written += save_render(image, png, title=f"{pathlib.Path(out).name}: {len(em)} localizations, "
                                                      f"{n_frames} frames, Gaussian {image.px_nm:g} nm px")
         except InputDataError as err:
-            print(f"[decode-var] rendering skipped: {err}", file=sys.stderr)
+            warn(f"rendering skipped: {err}")
     return written

@@ -20,6 +20,7 @@ from decode_var.core.errors import InputDataError, ShapeError
 from decode_var.core.scales import Scale, ScaleSchedule
 from decode_var.data.simulation import Camera, FrameScale
 from decode_var.data.targets import TargetRescale
+from decode_var.core.log import warn
 
 
 #: Share of the summed module outputs of a forward pass that is resident at its peak, with margin.
@@ -82,10 +83,7 @@ class Predictor:
         try:
             return self._forward(x)[:n]
         except Exception as err:  # torch's compile stack raises many types (BackendCompilerFailed, ...)
-            import sys
-
-            print(f"[decode-var] torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running the "
-                  "model without it.", file=sys.stderr, flush=True)
+            warn(f"torch.compile failed ({type(err).__name__}: {str(err)[:200]}); running the model without it.")
             self._forward, self._fixed_n = self.model, None
             return self.model(x[:n])
 

@@ -197,69 +197,23 @@ class VARMultiScale(nn.Module):
 
     @classmethod
     def parse(cls, param) -> "VARMultiScale":
-        """Build from a loaded param: ``HyperParameter.channels_in``, ``HyperParameter.arch_param``
-        (``initial_features``, ``activation`` where set), ``VAR.scales`` (via ScaleSchedule),
-        ``VAR.model.*``, ``VAR.teacher_forcing.*`` and, for the default ``p_init``,
-        ``Simulation.emitter_av``."""
-        hp = param.HyperParameter
-        var = getattr(param, "VAR", None)
-        vm = _section(var, "model")
-        tf = _section(var, "teacher_forcing")
-        arch = getattr(hp, "arch_param", None)
+        """Build from a loaded param (:func:`decode_var.config.param.load_param`, which fills every default
+        and checks every key, :func:`decode_var.config.param.validate`): ``HyperParameter.channels_in``,
+        ``HyperParameter.arch_param.initial_features`` (where set), ``VAR.scales`` (via ScaleSchedule),
+        ``VAR.model.*``, ``VAR.teacher_forcing.*`` and, for an empty ``p_init``, ``Simulation.emitter_av``."""
+        hp, var = param.HyperParameter, param.VAR
+        vm, tf = var.model, var.teacher_forcing
+        arch = hp.get("arch_param")
         schedule = ScaleSchedule.parse(param)
-
-        features = _get(arch, "initial_features")
-        if features is None:
-            features = _get(vm, "features", 48)
-        _check_int("VAR.model.features", features, 1)
-        token_dim = _get(vm, "token_dim", 96)
-        depth = _get(vm, "depth", 2)
-        heads = _get(vm, "heads", 4)
-        _check_int("VAR.model.token_dim", token_dim, 1)
-        _check_int("VAR.model.depth", depth, 1)
-        _check_int("VAR.model.heads", heads, 1)
-        if token_dim % heads:
-            raise ParamError(f"VAR.model.token_dim = {token_dim} is not divisible by VAR.model.heads = {heads}; "
-                             f"pick e.g. token_dim {heads * max(1, round(token_dim / heads))}.")
-        mlp_ratio = _get(vm, "mlp_ratio", 2.0)
-        _check_number("VAR.model.mlp_ratio", mlp_ratio, 0.0, open_low=True)
-        token_max_factor = _get(vm, "token_max_factor", 0.25)
-        _check_number("VAR.model.token_max_factor", token_max_factor, 0.0)
-        window = _get(vm, "window", 8)
-        _check_int("VAR.model.window", window, 1)
-        conditioning = _get(vm, "conditioning", "next_scale")
-        if conditioning not in CONDITIONING:
-            raise ParamError(f"VAR.model.conditioning = {conditioning!r}; use one of {list(CONDITIONING)}.")
-        detach = _get(vm, "detach_condition", True)
-        if not isinstance(detach, bool):
-            raise ParamError(f"VAR.model.detach_condition = {detach!r} must be true or false.")
-
-        tf_start = _get(tf, "start", 1.0)
-        tf_end = _get(tf, "end", 0.0)
-        tf_epochs = _get(tf, "epochs", 20)
-        _check_number("VAR.teacher_forcing.start", tf_start, 0.0, 1.0)
-        _check_number("VAR.teacher_forcing.end", tf_end, 0.0, 1.0)
-        _check_number("VAR.teacher_forcing.epochs", tf_epochs, 0.0)
-
-        p_init = _get(vm, "p_init")
-        if p_init is None:
-            sim = getattr(param, "Simulation", None)
-            emitter_av = _get(sim, "emitter_av")
-            if isinstance(emitter_av, (list, tuple)):  # a range [low, high] drawn per sample: its mean
-                emitter_av = sum(emitter_av) / len(emitter_av)
-            cells = schedule.finest.img_shape[0] * schedule.finest.img_shape[1]
-            # Poisson: the share of finest cells that hold at least one emitter
-            p_init = -math.expm1(-float(emitter_av) / cells) if emitter_av else 0.01
-        _check_number("VAR.model.p_init", p_init, 0.0, 1.0, open_low=True, open_high=True)
-
-        activation = _get(arch, "activation") or "ELU"
-        seed = _get(var, "seed")
-        return cls(hp.channels_in, schedule, features=int(features), token_dim=int(token_dim), depth=int(depth),
-                   heads=int(heads), mlp_ratio=float(mlp_ratio), token_max_factor=float(token_max_factor),
-                   window=int(window), conditioning=conditioning, teacher_forcing=float(tf_start),
-                   teacher_forcing_end=float(tf_end), teacher_forcing_epochs=float(tf_epochs),
-                   p_init=float(p_init), detach_condition=detach, activation=activation,
-                   seed=int(seed) if isinstance(seed, int) else None)
+        features = arch.get("initial_features") if arch is not None else None
+        p_init = vm.p_init if vm.p_init is not None else default_p_init(param.Simulation.emitter_av, schedule)
+        activation = (arch.get("activation") if arch is not None else None) or "ELU"
+        return cls(hp.channels_in, schedule, features=int(features or vm.features), token_dim=int(vm.token_dim),
+                   depth=int(vm.depth), heads=int(vm.heads), mlp_ratio=float(vm.mlp_ratio),
+                   token_max_factor=float(vm.token_max_factor), window=int(vm.window), conditioning=vm.conditioning,
+                   teacher_forcing=float(tf.start), teacher_forcing_end=float(tf.end),
+                   teacher_forcing_epochs=float(tf.epochs), p_init=float(p_init), detach_condition=vm.detach_condition,
+                   activation=activation, seed=int(var.seed))
 
     # ------------------------------------------------------------------ teacher forcing
     def teacher_forcing_at(self, epoch: float) -> float:
@@ -468,32 +422,13 @@ class VARMultiScale(nn.Module):
                     f"(HyperParameter.channels_in, VAR.scales, VAR.model.conditioning).")
 
 
-def _section(parent, key):
-    if parent is None:
-        return None
-    if isinstance(parent, Mapping):
-        return parent.get(key)
-    return getattr(parent, key, None)
-
-
-def _get(section, key, default=None):
-    value = _section(section, key)
-    return default if value is None else value
-
-
-def _check_int(key: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ParamError(f"{key} = {value!r} must be a whole number >= {low}.")
-
-
-def _check_number(key: str, value, low: float, high: float = math.inf, open_low: bool = False,
-                  open_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-    if not ok:
-        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
-        raise ParamError(f"{key} = {value!r} must be a number in {lo}{low}, {high}{hi}.")
+def default_p_init(emitter_av, schedule: ScaleSchedule) -> float:
+    """Initial p per finest cell: the Poisson share of finest cells holding at least one emitter, for
+    ``emitter_av`` emitters per frame (a range [low, high]: its mean); 0.01 without emitters."""
+    if isinstance(emitter_av, (list, tuple)):
+        emitter_av = sum(emitter_av) / len(emitter_av)
+    cells = schedule.finest.img_shape[0] * schedule.finest.img_shape[1]
+    return -math.expm1(-float(emitter_av) / cells) if emitter_av else 0.01
 
 
 MODELS = {"VARMultiScale": VARMultiScale}
