@@ -1,16 +1,27 @@
 """Data-path throughput: simulate a batch, then targets and weights at every scale.
 
     python benchmarks/bench_data.py [--sizes 40 128] [--batch 16] [--repeats 5]
+    python benchmarks/bench_data.py --prefetch [--steps 12] [--batch 16] [--repeats 3] [--depth 1]
 
 Reports samples/s of the whole data path (3-frame windows, 4 scales 0.25 / 0.5 / 1 / 2) for each
 backend that is available, and, in the same run, samples/s of a VARMultiScale training step
 (forward + backward, same batch) so that the data path's share of a step is a ratio measured on
 the same machine at the same time. Target: data path < 20% of a training step.
+
+``--prefetch``: training steps of the quickstart configuration (simulation + targets + weights,
+then forward, loss, backward, AdamW step of VARMultiScale + AdaptivePPXYZB with all scales active)
+in a plain loop, once making each batch before its step and once with
+:class:`decode_var.training.prefetch.Prefetcher` making the next batch in a thread during the step.
+The two alternate ``--repeats`` times in the same run; the table gives samples/s of both, the
+median of the per-repeat ratios (prefetch / plain), and the data path's and the step's own times,
+whose sum and maximum bound what overlapping can give.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +29,7 @@ from decode_var.backend import decode_available, get_backend
 from decode_var.config.param import param_from_dict
 from decode_var.data.targets import MultiScaleTargets
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "decode_var" / "config" / "var_quickstart.yaml"
 SCALES = [0.25, 0.5, 1.0, 2.0]
 
 
@@ -88,11 +100,114 @@ def markdown(rows) -> str:
     return "\n".join(out)
 
 
+def quickstart_loop(batch: int, device: str = "cpu", data_device: str = "cpu", lr=None, amp=None):
+    """(make, step) of the quickstart configuration.
+
+    ``make(i)`` -> (frames, targets, weights) of step i (seeded by i, network units), simulated on
+    ``data_device`` and moved to ``device`` (pinned, non-blocking, when they come from the CPU to a GPU);
+    ``step(data)`` -> one AdamW step on ``device`` (learning rate ``lr``, default the quickstart's; ``amp``:
+    'bf16' runs forward and loss under autocast).
+    """
+    from decode_var.config.param import load_param
+    from decode_var.data.simulation import FrameScale
+    from decode_var.registry import build_loss, build_model
+
+    param = load_param(QUICKSTART)
+    param.Hardware.device_simulation = data_device
+    backend = get_backend("builtin")
+    sim, targets, scale = backend.simulator(param), MultiScaleTargets.parse(param, backend), FrameScale.parse(param)
+    torch.manual_seed(0)
+    model, loss = build_model(param).to(device), build_loss(param)
+    loss.set_epoch(param.HyperParameter.epochs // 2)  # mid-run: warm-up over, all scales active
+    n_active = getattr(loss, "active_scales", len(SCALES))
+    if hasattr(model, "teacher_forcing"):
+        model.teacher_forcing = 0.5
+    opt = torch.optim.AdamW(model.parameters(), lr=lr or param.HyperParameter.opt_param.lr)
+    pin = torch.device(device).type == "cuda" and torch.device(sim.device).type == "cpu"
+
+    def move(t):
+        return (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+    def make(i: int):
+        b = sim.sample(batch, seed=10_000 + i)
+        tg, wg = targets(b.em, b.bg_NHW, batch)
+        return move(scale(b.frames_NCHW)), [move(t) for t in tg], [move(w) for w in wg]
+
+    def step(data):
+        x, tg, wg = data
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(x, targets=tg[:n_active], n_active=n_active)
+            value = loss(out, tg, wg).mean()
+        value.backward()
+        opt.step()
+
+    return make, step
+
+
+def time_prefetch(batch: int = 16, steps: int = 12, repeats: int = 3, depth: int = 1) -> dict:
+    """Quickstart training steps/s with and without the Prefetcher, alternating in the same run."""
+    from decode_var.training.prefetch import Prefetcher
+
+    make, step = quickstart_loop(batch)
+
+    def plain(start):
+        for i in range(start, start + steps):
+            step(make(i))
+
+    def prefetched(start):
+        for _, data in Prefetcher(make, range(start, start + steps), depth=depth):
+            step(data)
+
+    def timed(fn, *a):
+        t0 = time.perf_counter()
+        fn(*a)
+        return time.perf_counter() - t0
+
+    step(make(0)), plain(0), prefetched(0)  # warm-up
+    t_plain, t_pref = [], []
+    for r in range(repeats):
+        t_plain.append(timed(plain, (2 * r + 1) * steps))
+        t_pref.append(timed(prefetched, (2 * r + 2) * steps))
+    data = [make(i) for i in range(3)]
+    t_data = statistics.median(timed(make, i) for i in range(3, 3 + steps))
+    t_step = statistics.median(timed(step, data[i % 3]) for i in range(steps))
+    n = batch * steps
+    return {"batch": batch, "steps": steps, "repeats": repeats, "depth": depth, "threads": torch.get_num_threads(),
+            "plain_samples_per_s": n / statistics.median(t_plain),
+            "prefetch_samples_per_s": n / statistics.median(t_pref),
+            "ratio": statistics.median(a / b for a, b in zip(t_plain, t_pref)),
+            "ratios": [a / b for a, b in zip(t_plain, t_pref)],
+            "data_s_per_step": t_data, "step_s_per_step": t_step,
+            "ideal_ratio": (t_data + t_step) / max(t_data, t_step)}
+
+
+def markdown_prefetch(r: dict) -> str:
+    return "\n".join([
+        "| batch | threads | plain loop samples/s | with Prefetcher samples/s | prefetch / plain (median of "
+        f"{r['repeats']}) | data / step alone (s) | ideal ratio |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['batch']} | {r['threads']} | {r['plain_samples_per_s']:.1f} | {r['prefetch_samples_per_s']:.1f} | "
+        f"{r['ratio']:.2f}x ({', '.join(f'{v:.2f}' for v in r['ratios'])}) | "
+        f"{r['data_s_per_step']:.3f} / {r['step_s_per_step']:.3f} | {r['ideal_ratio']:.2f}x |"])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[40, 128])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefetch", action="store_true",
+                    help="quickstart training steps with and without the Prefetcher (see above)")
+    ap.add_argument("--steps", type=int, default=12, help="--prefetch: steps per timed loop")
+    ap.add_argument("--depth", type=int, default=1, choices=[1, 2], help="--prefetch: batches made ahead")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    print(markdown(run(args.sizes, args.batch, args.repeats)))
+    torch.set_num_threads(args.threads)
+    if args.prefetch:
+        res = time_prefetch(args.batch, args.steps, args.repeats, args.depth)
+        print(f"`python benchmarks/bench_data.py --prefetch --batch {args.batch} --steps {args.steps} "
+              f"--repeats {args.repeats} --depth {args.depth} --threads {args.threads}`\n")
+        print(markdown_prefetch(res))
+    else:
+        print(markdown(run(args.sizes, args.batch, args.repeats)))

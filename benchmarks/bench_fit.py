@@ -26,11 +26,21 @@ by default, an untrained VARMultiScale built from the embedded quickstart param 
 untrained model finds fewer emitters, so post-processing is a little cheaper). The baseline
 always uses its own untrained quickstart model. Stacks are
 simulated with the package's simulator at the quickstart's density (6 emitters per 40 x 40 px),
-seeded. DECODE's ``Infer`` with SigmaMUNet is timed on the same frames when DECODE is importable
-(``n/a`` otherwise).
+seeded.
+
+- against DECODE (where DECODE 0.10 is importable, else skipped with a message; ``--no-decode``
+  skips it): DECODE's own fitting pipeline as its Fit notebook sets it up, on the same TIFF and
+  device, in a fresh subprocess: ``load_tif``, ``Infer`` with DECODE's frame processing (camera
+  ADU -> photons, ``AutoCenterCrop(8)``, ``AmplitudeRescale``), an untrained SigmaMUNet of DECODE's
+  reference ``arch_param`` (``param/sigmamunet_decode.yaml``), and the notebook's post-processing
+  (``SpatialIntegration``, raw_th 0.1): ``DECODE fit frames/s`` from reading to emitters, and
+  ``SigmaMUNet network frames/s``, the same Infer without post-processing on frames in memory.
+  ``fit / DECODE fit`` and ``model / SigmaMUNet network`` are ratios of the same run. Infer's batch is
+  DECODE's own choice (``--decode-batch auto``: 64 frames on the CPU, its memory probe on a GPU).
 
 Run: ``python benchmarks/bench_fit.py [--model out/quickstart/<exp>] [--sizes 64 256 512]
-[--baseline-src /tmp/base] [--compile] [--device cpu] [--json benchmarks/results/bench_fit.json]``.
+[--baseline-src /tmp/base] [--compile] [--device cpu] [--no-decode] [--decode-batch auto]
+[--json benchmarks/results/bench_fit.json]``.
 """
 from __future__ import annotations
 
@@ -59,12 +69,20 @@ _BUILD = r"""
 import torch
 from importlib import resources
 from pathlib import Path
-from decode_var.training.checkpoint import save_model
-from decode_var.config.param import load_param, save_param
+try:
+    from decode_var.training.checkpoint import save_model
+    from decode_var.config.param import load_param, save_param
+except ImportError:  # layouts before the subpackages
+    from decode_var.checkpoint import save_model
+    from decode_var.param import load_param, save_param
 from decode_var.registry import build_model
 exp = Path({exp!r})
 exp.mkdir(parents=True)
-with resources.as_file(resources.files("decode_var").joinpath("param/var_quickstart.yaml")) as f:
+pkg = resources.files("decode_var")
+qs = pkg.joinpath("config/var_quickstart.yaml")
+if not qs.is_file():  # layouts before the config/ subpackage
+    qs = pkg.joinpath("param/var_quickstart.yaml")
+with resources.as_file(qs) as f:
     param = load_param(f)
 torch.manual_seed(0)
 save_model(exp / "model.pt", build_model(param))
@@ -208,25 +226,88 @@ def baseline_param(exp: Path, size: int, tmp: Path) -> Path:
     return path
 
 
-def decode_infer_speed(stack: Path, device: str) -> float | None:
-    """DECODE's Infer with SigmaMUNet (reference arch_param) on the stack; None without DECODE."""
-    try:
-        from decode.neuralfitter.inference import Infer  # noqa: F401
-    except ImportError:
-        return None
-    import tifffile
-    from decode.neuralfitter.inference import Infer
-    from decode.neuralfitter.models import SigmaMUNet
+SIGMAMUNET_PARAM = ROOT / "param" / "sigmamunet_decode.yaml"
 
-    model = SigmaMUNet(3, depth_shared=2, depth_union=2, initial_features=48, inter_features=48,
-                       activation=torch.nn.ELU(), norm=None, norm_groups=None, norm_head=None,
-                       norm_head_groups=None, pool_mode="StrideConv", upsample_mode="nearest",
-                       skip_gn_level=None, kaiming_normal=True)
-    frames = torch.from_numpy(tifffile.imread(stack).astype(np.float32))
-    infer = Infer(model=model, ch_in=3, frame_proc=None, post_proc=None, device=device, batch_size="auto")
-    t0 = time.perf_counter()
-    infer.forward(frames)
-    return len(frames) / (time.perf_counter() - t0)
+_DECODE_CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads({threads})
+from decode.neuralfitter.inference.inference import Infer
+from decode.neuralfitter.models import SigmaMUNet
+from decode.neuralfitter import coord_transform, frame_processing, post_processing, scale_transform
+from decode.neuralfitter.utils import processing
+from decode.simulation.camera import Photon2Camera
+import tifffile
+from decode_var.config.param import load_param
+def load_tif(path):  # DECODE's frames_io.load_tif, whose tifffile call newer tifffile refuses (multifile=)
+    return torch.from_numpy(tifffile.imread(path).astype("float32"))
+param = load_param({param!r})
+a, c, sc = param.HyperParameter.arch_param, param.Camera, param.Scaling
+torch.manual_seed(0)
+model = SigmaMUNet(param.HyperParameter.channels_in, depth_shared=a.depth_shared, depth_union=a.depth_union,
+                   initial_features=a.initial_features, inter_features=a.inter_features,
+                   activation=getattr(torch.nn, a.activation)(), norm=a.norm, norm_groups=a.norm_groups,
+                   norm_head=a.norm_head, norm_head_groups=a.norm_head_groups, pool_mode=a.pool_mode,
+                   upsample_mode=a.upsample_mode, skip_gn_level=a.skip_gn_level)
+def pipeline(post):
+    camera = Photon2Camera(qe=c.qe, spur_noise=c.spur_noise, em_gain=c.em_gain, e_per_adu=c.e_per_adu,
+                           baseline=c.baseline, read_sigma=c.read_sigma, photon_units=c.convert2photons, device="cpu")
+    frame_proc = processing.TransformSequence([processing.wrap_callable(camera.backward),
+                                               frame_processing.AutoCenterCrop(8),
+                                               scale_transform.AmplitudeRescale(sc.input_scale, sc.input_offset)])
+    if not post:
+        return Infer(model=model, ch_in=param.HyperParameter.channels_in, frame_proc=frame_proc, post_proc=None,
+                     device={device!r}, batch_size={batch!r}, forward_cat="frames")
+    size = frame_processing.get_frame_extent(frames.unsqueeze(1).size(), frame_proc.forward)
+    ext = ((-0.5, size[-2] - 0.5), (-0.5, size[-1] - 0.5))
+    post_proc = processing.TransformSequence([
+        scale_transform.InverseParamListRescale(sc.phot_max, sc.z_max, sc.bg_max),
+        coord_transform.Offset2Coordinate(xextent=ext[0], yextent=ext[1], img_shape=size[-2:]),
+        post_processing.SpatialIntegration(raw_th=0.1, xy_unit="px", px_size=c.px_size)])
+    return Infer(model=model, ch_in=param.HyperParameter.channels_in, frame_proc=frame_proc, post_proc=post_proc,
+                 device={device!r}, batch_size={batch!r})
+frames = load_tif({frames!r})
+pipeline(False).forward(frames[:2])  # warm-up
+t0 = time.perf_counter()
+frames = load_tif({frames!r})
+em = pipeline(True).forward(frames)
+t_fit = time.perf_counter() - t0
+t0 = time.perf_counter()
+pipeline(False).forward(frames)
+t_net = time.perf_counter() - t0
+try:
+    peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] / 1024.0
+except (OSError, IndexError):
+    peak = float("nan")
+print(json.dumps({{"seconds_fit": t_fit, "seconds_network": t_net, "n_emitters": len(em), "peak_rss_mib": peak}}))
+"""
+
+
+def decode_infer_speed(stack: Path, device: str, threads: int, batch) -> dict | None:
+    """DECODE's own fitting pipeline (its Fit notebook) on the stack, in a fresh subprocess; None without DECODE.
+
+    ``load_tif``, then ``Infer`` with the frame processing of DECODE's notebook (``camera.backward``,
+    ``AutoCenterCrop(8)``, ``AmplitudeRescale``) and an untrained SigmaMUNet of DECODE's reference
+    ``arch_param`` (``param/sigmamunet_decode.yaml``), with the notebook's post-processing
+    (``InverseParamListRescale``, ``Offset2Coordinate``, ``SpatialIntegration(raw_th=0.1)``):
+    ``seconds_fit``, from reading to emitters. ``seconds_network``: the same ``Infer`` without
+    post-processing on the frames in memory. ``batch``: Infer's batch size ('auto' = DECODE's choice: its
+    memory probe on a GPU, 64 frames on the CPU).
+    """
+    from decode_var.backend import decode_status
+
+    ok, found = decode_status()
+    if not ok:
+        print(f"bench_fit: DECODE is not usable here ({found}); the SigmaMUNet (DECODE Infer) columns are "
+              "skipped. Run this script with a Python that has DECODE 0.10.", file=sys.stderr)
+        return None
+    code = _DECODE_CHILD.format(threads=threads, param=str(SIGMAMUNET_PARAM), frames=str(stack), device=device,
+                                batch=batch)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"DECODE Infer subprocess failed:\n{proc.stderr.decode()[-2000:]}")
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -240,7 +321,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--compile", action="store_true",
                     help="also time the fit with --compile: first batch (compiling) and frames/s after it")
+    ap.add_argument("--no-decode", action="store_true", help="skip DECODE's Infer with SigmaMUNet")
+    ap.add_argument("--decode-batch", default="auto",
+                    help="batch size of DECODE's Infer ('auto': DECODE's own choice, 64 frames on the CPU)")
     args = ap.parse_args(argv)
+    if args.decode_batch != "auto":
+        args.decode_batch = int(args.decode_batch)
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -270,7 +356,13 @@ def main(argv=None) -> int:
             if args.compile:
                 comp = run_compiled(exp, stack, args.device, args.threads)
                 row.update(compile_s=comp["compile_s"], compiled_fps=comp["steady_fps"])
-            row["decode_infer_fps"] = decode_infer_speed(stack, args.device)
+            if not args.no_decode:
+                dec = decode_infer_speed(stack, args.device, args.threads, args.decode_batch)
+                if dec is not None:
+                    row.update(decode_fit_fps=n / dec["seconds_fit"], decode_net_fps=n / dec["seconds_network"],
+                               decode_n_emitters=dec["n_emitters"], decode_peak_rss_mib=dec["peak_rss_mib"],
+                               fit_vs_decode=row["fit_fps"] * dec["seconds_fit"] / n,
+                               model_vs_decode=row["model_fps"] * dec["seconds_network"] / n)
             rows.append(row)
             print(json.dumps(row), flush=True)
     _print_table(rows, args)
@@ -308,6 +400,10 @@ def _print_table(rows, args) -> None:
     if any("compiled_fps" in r for r in rows):
         head += " --compile frames/s (after a compile of) |"
         sep += "---|"
+    if any("decode_fit_fps" in r for r in rows):
+        head += (" SigmaMUNet (DECODE Infer) network frames/s | DECODE fit frames/s | fit / DECODE fit | "
+                 "model / SigmaMUNet network |")
+        sep += "---|---|---|---|"
     print(head)
     print(sep)
     for r in rows:
@@ -317,6 +413,9 @@ def _print_table(rows, args) -> None:
             line += f" {r['baseline_fps']:.1f} | {r['speedup']:.2f}x | {r['baseline_peak_rss_mib']:.0f} MiB |"
         if "compiled_fps" in r:
             line += f" {r['compiled_fps']:.1f} ({r['compile_s']:.0f} s) |"
+        if "decode_fit_fps" in r:
+            line += (f" {r['decode_net_fps']:.2f} | {r['decode_fit_fps']:.2f} | {r['fit_vs_decode']:.2f}x | "
+                     f"{r['model_vs_decode']:.2f}x |")
         print(line)
 
 

@@ -77,6 +77,42 @@ class Batch:
                      self.em_all.to(device, non_blocking), move(self.bg_NCHW))
 
 
+def frame_slots(frame_ix: torch.Tensor) -> torch.Tensor:
+    """(E,) rank of each emitter among the emitters of its frame (0, 1, ... in the order given), long."""
+    order = torch.argsort(frame_ix, stable=True)
+    sorted_ix = frame_ix[order]
+    rank_sorted = torch.arange(frame_ix.numel(), device=frame_ix.device) - torch.searchsorted(sorted_ix, sorted_ix)
+    return torch.empty_like(rank_sorted).index_put_((order,), rank_sorted)
+
+
+#: tests set this to run :func:`accumulate`'s GPU path on the CPU
+IN_ORDER_ON_CPU = False
+
+
+def accumulate(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor, slot) -> torch.Tensor:
+    """``out.index_add_(0, index, values)``, summed in the same order on every run on every device.
+
+    On the CPU this is ``index_add_`` itself (sequential, and what earlier versions computed bit for bit).
+    On a GPU ``index_add_`` adds with atomics in no fixed order, so float sums differ between runs; there
+    the values are added group by group of equal ``slot`` (one ``index_add_`` each, slot 0 first), and
+    ``index`` must not repeat within a group (e.g. ``slot``: the emitter's rank within its frame).
+    ``slot``: a long tensor like ``index``, or a function returning one (only called on the GPU path).
+    """
+    if (out.device.type == "cpu" and not IN_ORDER_ON_CPU) or index.numel() == 0:
+        return out.index_add_(0, index, values)
+    return accumulate_in_order(out, index, values, slot() if callable(slot) else slot)
+
+
+def accumulate_in_order(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
+                        slot: torch.Tensor) -> torch.Tensor:
+    """:func:`accumulate`'s GPU path, on any device: one ``index_add_`` per value of ``slot``, in increasing order."""
+    order = torch.argsort(slot, stable=True)
+    counts = torch.bincount(slot).tolist()
+    for idx, val in zip(index[order].split(counts), values[order].split(counts)):
+        out.index_add_(0, idx, val)
+    return out
+
+
 def astigmatism(z_nm: torch.Tensor, sigma_0: float, foc_shift: float, rl_range: float) -> torch.Tensor:
     """(E, 2) Gaussian widths in px along x and y for z in nm (DECODE's Gaussian beam model)."""
     sx = sigma_0 * torch.sqrt(1 + ((z_nm + foc_shift) / rl_range) ** 2)
@@ -132,7 +168,8 @@ class GaussianPSF:
         gy = torch.erf((edge_y[None, 1:] - xyz[:, 1:2]) / sig[:, 1:]) - \
             torch.erf((edge_y[None, :-1] - xyz[:, 1:2]) / sig[:, 1:])
         gx = gx * (phot[:, None] / 4)
-        return frames.index_add_(0, frame_ix, gx[:, :, None] * gy[:, None, :])
+        # on GPUs: the emitters of rank 0 in their frame first, then rank 1, ... (see accumulate)
+        return accumulate(frames, frame_ix, gx[:, :, None] * gy[:, None, :], lambda: frame_slots(frame_ix))
 
 
 def perlin_NHW(n: int, img_shape, res: int, generator: Optional[torch.Generator] = None,

@@ -230,6 +230,12 @@ def make_calibration(model: Callable, roi_size: int = 21, z_range_nm: Sequence[f
 
 
 # rendering ---------------------------------------------------------------------------------------
+def _accumulate(out, index, values, slot):
+    from decode_var.data.simulation import accumulate
+
+    return accumulate(out, index, values, slot)
+
+
 class SplinePSF:
     """Cubic-spline PSF, batched in torch (CPU or GPU), with DECODE 0.10's ``CubicSplinePSF`` conventions.
 
@@ -396,7 +402,13 @@ class SplinePSF:
         py_ER = corner_E2[:, 1:] + torch.arange(ry, device=xyz.device)
         on_ERR = (((px_ER >= 0) & (px_ER < sx))[:, :, None] & ((py_ER >= 0) & (py_ER < sy))[:, None, :])
         flat_ERR = (frame_ix[keep][:, None, None] * (sx * sy) + px_ER[:, :, None] * sy + py_ER[:, None, :])
-        frames = frames.index_add(0, flat_ERR[on_ERR], rois_ERR[on_ERR].to(frames.dtype))
+
+        def slot():  # GPUs: each emitter's rank in its frame; summed rank by rank, in a fixed order
+            from decode_var.data.simulation import frame_slots
+
+            return frame_slots(frame_ix[keep])[:, None, None].expand_as(flat_ERR)[on_ERR]
+
+        frames = _accumulate(frames, flat_ERR[on_ERR], rois_ERR[on_ERR].to(frames.dtype), slot)
         return frames.view(n_frames, sx, sy)
 
     __call__ = forward

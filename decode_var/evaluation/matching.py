@@ -107,7 +107,10 @@ class GreedyHungarianMatching:
         """Match ``output`` to ``target``; returns (tp, fp, fn, tp_match) as EmitterSets.
 
         ``tp[i]`` is matched to ``tp_match[i]``; ``tp`` gets the ids of its ground truth (as DECODE does).
+        Sets on a GPU (a test set simulated with ``Hardware.device_simulation: cuda``) are matched on the CPU.
         """
+        output = output if output.device.type == "cpu" else output.to("cpu")
+        target = target if target.device.type == "cpu" else target.to("cpu")
         if len(output) == 0 and len(target) == 0:
             empty = EmitterSet.empty(xy_unit=target.xy_unit, px_size=target.px_size)
             return MatchResult(empty, empty.clone(), empty.clone(), empty.clone())
