@@ -15,6 +15,16 @@ from decode_var.core.errors import ShapeError
 _OPTIONAL = ("prob", "bg", "xyz_cr", "phot_cr", "bg_cr", "xyz_sig", "phot_sig", "bg_sig")
 
 
+def as_xyz3(xyz, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """(E, 3) positions from (E, 2) or (E, 3) ones (x, y in px, z in nm; a missing z is 0)."""
+    xyz = torch.as_tensor(xyz, dtype=dtype)
+    if xyz.dim() != 2 or xyz.size(1) not in (2, 3):
+        raise ShapeError(f"{what} must be (E, 2) or (E, 3), got {tuple(xyz.shape)}.")
+    if xyz.size(1) == 2:
+        xyz = torch.cat([xyz, torch.zeros_like(xyz[:, :1])], 1)
+    return xyz
+
+
 class EmitterSet:
     """A set of emitters.
 
@@ -34,11 +44,7 @@ class EmitterSet:
     def __init__(self, xyz, phot, frame_ix, id=None, prob=None, bg=None, xyz_cr=None, phot_cr=None,
                  bg_cr=None, xyz_sig=None, phot_sig=None, bg_sig=None, xy_unit: str = "px",
                  px_size: Optional[Sequence[float]] = None):
-        xyz = torch.as_tensor(xyz, dtype=torch.float32)
-        if xyz.dim() != 2 or xyz.size(1) not in (2, 3):
-            raise ShapeError(f"EmitterSet xyz must be (E, 2) or (E, 3), got {tuple(xyz.shape)}.")
-        if xyz.size(1) == 2:
-            xyz = torch.cat([xyz, torch.zeros_like(xyz[:, :1])], 1)
+        xyz = as_xyz3(xyz, torch.float32, "EmitterSet xyz")
         n = xyz.size(0)
         self.xyz = xyz
         self.phot = self._vec(phot, n, "phot", torch.float32)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from decode_var.core.errors import ShapeError
+from decode_var.core.emitters import as_xyz3
 
 __all__ = ["gaussian_crlb", "crlb_ratio", "mortensen_var"]
 
@@ -78,11 +79,7 @@ def gaussian_crlb(xyz_px, phot, bg, *, sigma_0: float, foc_shift: float = 250.0,
     Returns:
         (E, 5) float32 variances: x, y in px^2, z in nm^2, phot in photons^2, bg in (photons / px)^2.
     """
-    xyz = torch.as_tensor(xyz_px, dtype=torch.float64)
-    if xyz.dim() != 2 or xyz.size(1) not in (2, 3):
-        raise ShapeError(f"gaussian_crlb expects xyz_px of shape (E, 3), got {tuple(xyz.shape)}.")
-    if xyz.size(1) == 2:
-        xyz = torch.cat([xyz, torch.zeros_like(xyz[:, :1])], 1)
+    xyz = as_xyz3(xyz_px, torch.float64, "gaussian_crlb's xyz_px")
     n = xyz.size(0)
     phot, bg = photons_and_background(phot, bg, n, "gaussian_crlb")
     if n == 0:
