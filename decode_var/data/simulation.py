@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,6 +43,7 @@ import torch
 from decode_var.core.devices import resolve_device
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
+from decode_var.core.log import warn
 
 
 @dataclass
@@ -359,9 +359,9 @@ class Simulator:
         if own_psf:
             return resolve_device(name, "Hardware.device_simulation")
         if str(name).strip() != "cpu":
-            warnings.warn(f"Hardware.device_simulation is {name!r}, but this simulator has a PSF from outside (the "
-                          "decode backend's DECODE PSF and camera): its data is made on the CPU. Set VAR.backend: "
-                          "builtin to simulate on the GPU.", RuntimeWarning, stacklevel=3)
+            warn(f"Hardware.device_simulation is {name!r}, but this simulator has a PSF from outside (the decode "
+                 "backend's DECODE PSF and camera): its data is made on the CPU. Set VAR.backend: builtin to simulate "
+                 "on the GPU.")
         return torch.device("cpu")
 
     def _emitters(self, n_samples: int, g: Optional[torch.Generator] = None):
