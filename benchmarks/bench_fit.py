@@ -147,11 +147,15 @@ _CHILD = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads({threads})
 import decode_var.fit as F
+try:  # where fit() looks localize_stack up: inference/stack.py, or fit.py in earlier layouts
+    import decode_var.inference.stack as S
+except ImportError:
+    S = F
 timings = {{}}
-if "timings" in getattr(getattr(F, "localize_stack", None), "__code__", compile("", "", "exec")).co_varnames:
+if "timings" in getattr(getattr(S, "localize_stack", None), "__code__", compile("", "", "exec")).co_varnames:
     # profile the stages (this version has the hook)
-    _orig = F.localize_stack
-    F.localize_stack = lambda *a, **k: _orig(*a, timings=timings, **k)
+    _orig = S.localize_stack
+    S.localize_stack = lambda *a, **k: _orig(*a, timings=timings, **k)
 t0 = time.perf_counter()
 em = F.fit({param!r}, {model!r}, {frames!r}, {out!r}, {batch!r}, device={device!r}, progress=False)
 dt = time.perf_counter() - t0
