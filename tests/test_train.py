@@ -81,6 +81,41 @@ def test_resume_2_plus_2_equals_4(tmp_path):
     assert (first.exp_dir / "param_run_in.yaml").is_file() and (first.exp_dir / "param_resume_in.yaml").is_file()
 
 
+def test_prefetched_batches_train_the_same_weights(tmp_path):
+    """VAR.train.prefetch makes each batch in a thread during the previous step; the run is the same bit
+    for bit (the simulator never draws from the global RNG that the step uses)."""
+    var = {**TINY["VAR"], "teacher_forcing": {"start": 0.9, "end": 0.1, "epochs": 4}}
+    runs = {}
+    for prefetch in (False, True):
+        v = {**var, "train": {"plot": False, "prefetch": prefetch}}
+        runs[prefetch] = train(write_param(tmp_path / str(prefetch), VAR=v), log_comment=str(prefetch),
+                               progress=False)
+        assert runs[prefetch].prefetch is prefetch
+    a, b = _final_weights(runs[False].exp_dir), _final_weights(runs[True].exp_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    strip = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.history] for r in runs.values()]
+    assert json.dumps(strip[0]) == json.dumps(strip[1])  # losses, metrics (NaN where nothing was found), weights
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode-var-prefetch")]
+
+
+def test_prefetch_auto_is_off_on_the_cpu_and_never_with_a_global_rng_camera(tmp_path):
+    from decode_var.config.param import load_param
+    from decode_var.training.trainer import Trainer
+
+    param = load_param(write_param(tmp_path))
+    assert param.VAR.train.prefetch == "auto"
+    tr = Trainer(param, None, log=False, progress=False)
+    assert tr.prefetch is False  # auto: on for a GPU only
+    param.VAR.train.prefetch = True
+    assert tr.prefetch is True
+    tr.simulator.camera = object()  # a camera from outside (DECODE's draws from the global RNG)
+    assert tr.simulator.thread_safe is False and tr.prefetch is False
+    with pytest.raises(ParamError, match="VAR.train.prefetch must be auto, true or false"):
+        load_param(write_param(tmp_path / "bad", VAR={**TINY["VAR"], "train": {"prefetch": "yes"}}))
+
+
 def test_unknown_architecture_lists_names(tmp_path, capsys):
     p = write_param(tmp_path, HyperParameter={**TINY["HyperParameter"], "architecture": "VARMultiscale"})
     with pytest.raises(ParamError, match=r"Did you mean 'VARMultiScale'.*Known models: .*VARMultiScale"):

@@ -131,6 +131,8 @@ def _check_type(path: str, value, ref) -> None:
         ok, kind = _is_number(value) or isinstance(value, (list, tuple)), "a number or a list of numbers"
     elif _is_number(ref):
         ok, kind = _is_number(value), "a number"
+    elif isinstance(ref, str) and ref == "auto":  # auto, or an explicit choice (e.g. VAR.train.prefetch: true)
+        return
     elif isinstance(ref, str):
         # some string keys also take a list (e.g. VAR.loss.channel_weights: preset or 6 numbers)
         ok, kind = isinstance(value, (str, list)), "a name"
@@ -520,6 +522,8 @@ def _check_var_train(param: Param) -> None:
     _check_int("VAR.train.warmup_epochs", tr.warmup_epochs, 0)
     _check_int("VAR.train.eval_every", tr.eval_every, 1)
     _require(isinstance(tr.plot, bool), f"VAR.train.plot must be true or false, got {tr.plot!r}.")
+    _require(tr.prefetch in ("auto", True, False), f"VAR.train.prefetch must be auto, true or false, "
+             f"got {tr.prefetch!r}.")
     if var.psf == "spline" and not param.InOut.calibration_file:
         raise ParamError("VAR.psf is spline but InOut.calibration_file is empty. Set it to your SMAP spline "
                          "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")

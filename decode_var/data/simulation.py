@@ -390,6 +390,12 @@ class Simulator:
         frame = sample[e] * self.frame_window + f
         return xyz[e], flux[e] * on_E_F[e, f], frame, e
 
+    @property
+    def thread_safe(self) -> bool:
+        """Batches can be made in a thread next to a training step: nothing draws from the global RNG
+        (False with a camera from outside, the ``decode`` backend's DECODE camera)."""
+        return isinstance(self.camera, Camera)
+
     @contextlib.contextmanager
     def _rng(self, seed: int):
         """The random source of one batch: a generator on the simulator's device seeded with ``seed``.

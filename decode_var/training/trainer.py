@@ -252,27 +252,52 @@ class Trainer:
         part = EpochProgress(**self._partial) if self._partial else EpochProgress()
         self._partial = None
         self.model.train()
-        bar = _progress(range(part.step, steps), f"epoch {self.epoch}", self.progress)
-        for step in bar:
-            result = self.train_step(step)
-            part.step = step + 1
-            if result.skip_reason is not None:
-                self._skip(part, step, result)
-            else:
-                part.in_row = 0
-                part.add(component_vector(float(result.loss.detach()), self.task.log(result.loss_val)[1]))
-                if self.progress and step % 10 == 0:
-                    bar.set_postfix(loss=f"{float(result.loss.detach()):.4f}")
-            if result.stop and part.step < steps:
-                self._stop_mid_epoch(part, step, t0)
+        with self._batches(range(part.step, steps)) as batches:
+            bar = _progress(batches, f"epoch {self.epoch}", self.progress, steps - part.step)
+            for step, data in bar:
+                result = self.train_step(step, data)
+                part.step = step + 1
+                if result.skip_reason is not None:
+                    self._skip(part, step, result)
+                else:
+                    part.in_row = 0
+                    part.add(component_vector(float(result.loss.detach()), self.task.log(result.loss_val)[1]))
+                    if self.progress and step % 10 == 0:
+                        bar.set_postfix(loss=f"{float(result.loss.detach()):.4f}")
+                if result.stop and part.step < steps:
+                    self._stop_mid_epoch(part, step, t0)
         return self._finish_epoch(part, tf, t0)
 
-    def train_step(self, step: int) -> "StepResult":
-        """One optimiser step of the current epoch (or a skipped batch, with the reason)."""
+    def _batches(self, steps: range):
+        """``(step, (frames, targets))`` of the epoch's steps: made in a background thread during the
+        previous step when ``VAR.train.prefetch`` asks for it (the batches are the same either way)."""
+        bs = self.param.HyperParameter.batch_size
+
+        def make(step):
+            return self.batch(bs, self.step_data_seed(step))[1:]
+
+        if self.prefetch:
+            from decode_var.training.prefetch import Prefetcher
+
+            return Prefetcher(make, steps)
+        return _Sequential(make, steps)
+
+    @property
+    def prefetch(self) -> bool:
+        """``VAR.train.prefetch``: true, false, or auto (on when the model trains on a GPU); never with a
+        simulator that draws from the global RNG (the ``decode`` backend's camera)."""
+        choice = self.param.VAR.train.prefetch
+        wanted = self.device.type != "cpu" if choice == "auto" else bool(choice)
+        return wanted and getattr(self.simulator, "thread_safe", False)
+
+    def train_step(self, step: int, data=None) -> "StepResult":
+        """One optimiser step of the current epoch (or a skipped batch, with the reason); ``data``: the
+        step's (frames, targets) when made already, else they are simulated here."""
         seed = self.proc.step_seed(self.param.VAR.seed, self.epoch, step)
         torch.manual_seed(seed)  # dropout, and coins of models without a generator
         self.task.seed_step(seed)  # the model's own coins: a function of (seed, epoch, step, rank)
-        _, frames, tgt = self.batch(self.param.HyperParameter.batch_size, self.step_data_seed(step))
+        frames, tgt = data if data is not None else \
+            self.batch(self.param.HyperParameter.batch_size, self.step_data_seed(step))[1:]
         self.optimizer.zero_grad(set_to_none=True)
         loss_val, out = self.task.train_forward(frames, tgt, model=self._ddp)
         result = StepResult(loss_val, loss_val.mean())
@@ -455,12 +480,28 @@ def _slice(tgt, sl):
     return tgt
 
 
-def _progress(it, desc, enabled):
+def _progress(it, desc, enabled, total=None):
     if not enabled:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, total=total)
+
+
+class _Sequential:
+    """``(step, make(step))`` made when asked for: the plain counterpart of the Prefetcher."""
+
+    def __init__(self, make, steps):
+        self.make, self.steps = make, steps
+
+    def __iter__(self):
+        return ((step, self.make(step)) for step in self.steps)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 class _graceful_stop:
