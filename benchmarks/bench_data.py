@@ -2,6 +2,7 @@
 
     python benchmarks/bench_data.py [--sizes 40 128] [--batch 16] [--repeats 5]
     python benchmarks/bench_data.py --prefetch [--steps 12] [--batch 16] [--repeats 3] [--depth 1]
+                                    [--prefetch-threads default 1]
 
 Reports samples/s of the whole data path (3-frame windows, 4 scales 0.25 / 0.5 / 1 / 2) for each
 backend that is available, and, in the same run, samples/s of a VARMultiScale training step
@@ -10,16 +11,18 @@ the same machine at the same time. Target: data path < 20% of a training step.
 
 ``--prefetch``: training steps of the quickstart configuration (simulation + targets + weights,
 then forward, loss, backward, AdamW step of VARMultiScale + AdaptivePPXYZB with all scales active)
-in a plain loop, once making each batch before its step and once with
-:class:`decode_var.training.prefetch.Prefetcher` making the next batch in a thread during the step.
-The two alternate ``--repeats`` times in the same run; the table gives samples/s of both, the
-median of the per-repeat ratios (prefetch / plain), and the data path's and the step's own times,
-whose sum and maximum bound what overlapping can give.
+in a plain loop, making each batch before its step, and with
+:class:`decode_var.training.prefetch.Prefetcher` making the next batch in a thread during the step
+(one row per ``--prefetch-threads`` value: the torch threads of that thread). The loops alternate
+``--repeats`` times in the same run; the table gives samples/s, the median of the per-repeat
+ratios (prefetch / plain), and the data path's and the step's own times, whose sum and maximum
+bound what overlapping can give.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -145,18 +148,24 @@ def quickstart_loop(batch: int, device: str = "cpu", data_device: str = "cpu", l
     return make, step
 
 
-def time_prefetch(batch: int = 16, steps: int = 12, repeats: int = 3, depth: int = 1) -> dict:
-    """Quickstart training steps/s with and without the Prefetcher, alternating in the same run."""
+def time_prefetch(batch: int = 16, steps: int = 12, repeats: int = 3, depth: int = 1,
+                  prefetch_threads=(None, 1)) -> list[dict]:
+    """Quickstart training samples/s of a plain loop and of Prefetcher loops, interleaved in the same run.
+
+    One row per entry of ``prefetch_threads`` (torch threads of the Prefetcher's thread; None = torch's
+    default for a new thread); every repeat times the plain loop and then each Prefetcher loop, each on
+    new steps, and a row's ratio is the median over repeats of plain time / prefetch time.
+    """
     from decode_var.training.prefetch import Prefetcher
 
     make, step = quickstart_loop(batch)
 
-    def plain(start):
+    def plain(start, _):
         for i in range(start, start + steps):
             step(make(i))
 
-    def prefetched(start):
-        for _, data in Prefetcher(make, range(start, start + steps), depth=depth):
+    def prefetched(start, threads):
+        for _, data in Prefetcher(make, range(start, start + steps), depth=depth, threads=threads):
             step(data)
 
     def timed(fn, *a):
@@ -164,32 +173,38 @@ def time_prefetch(batch: int = 16, steps: int = 12, repeats: int = 3, depth: int
         fn(*a)
         return time.perf_counter() - t0
 
-    step(make(0)), plain(0), prefetched(0)  # warm-up
-    t_plain, t_pref = [], []
-    for r in range(repeats):
-        t_plain.append(timed(plain, (2 * r + 1) * steps))
-        t_pref.append(timed(prefetched, (2 * r + 2) * steps))
+    arms = [(plain, None)] + [(prefetched, t) for t in prefetch_threads]
+    for k, (fn, t) in enumerate(arms):  # warm-up
+        fn(k * steps, t)
+    times = [[] for _ in arms]
+    start = len(arms) * steps
+    for _ in range(repeats):
+        for k, (fn, t) in enumerate(arms):
+            times[k].append(timed(fn, start, t))
+            start += steps
     data = [make(i) for i in range(3)]
     t_data = statistics.median(timed(make, i) for i in range(3, 3 + steps))
     t_step = statistics.median(timed(step, data[i % 3]) for i in range(steps))
     n = batch * steps
-    return {"batch": batch, "steps": steps, "repeats": repeats, "depth": depth, "threads": torch.get_num_threads(),
-            "plain_samples_per_s": n / statistics.median(t_plain),
-            "prefetch_samples_per_s": n / statistics.median(t_pref),
-            "ratio": statistics.median(a / b for a, b in zip(t_plain, t_pref)),
-            "ratios": [a / b for a, b in zip(t_plain, t_pref)],
-            "data_s_per_step": t_data, "step_s_per_step": t_step,
-            "ideal_ratio": (t_data + t_step) / max(t_data, t_step)}
+    return [{"batch": batch, "steps": steps, "repeats": repeats, "depth": depth, "threads": torch.get_num_threads(),
+             "prefetch_threads": t or "default", "plain_samples_per_s": n / statistics.median(times[0]),
+             "prefetch_samples_per_s": n / statistics.median(times[k + 1]),
+             "ratios": [a / b for a, b in zip(times[0], times[k + 1])],
+             "ratio": statistics.median(a / b for a, b in zip(times[0], times[k + 1])),
+             "data_s_per_step": t_data, "step_s_per_step": t_step,
+             "ideal_ratio": (t_data + t_step) / max(t_data, t_step)} for k, t in enumerate(prefetch_threads)]
 
 
-def markdown_prefetch(r: dict) -> str:
-    return "\n".join([
-        "| batch | threads | plain loop samples/s | with Prefetcher samples/s | prefetch / plain (median of "
-        f"{r['repeats']}) | data / step alone (s) | ideal ratio |",
-        "|---|---|---|---|---|---|---|",
-        f"| {r['batch']} | {r['threads']} | {r['plain_samples_per_s']:.1f} | {r['prefetch_samples_per_s']:.1f} | "
-        f"{r['ratio']:.2f}x ({', '.join(f'{v:.2f}' for v in r['ratios'])}) | "
-        f"{r['data_s_per_step']:.3f} / {r['step_s_per_step']:.3f} | {r['ideal_ratio']:.2f}x |"])
+def markdown_prefetch(rows: list[dict]) -> str:
+    out = ["| batch | torch threads: step / prefetch thread | plain loop samples/s | with Prefetcher samples/s | "
+           f"prefetch / plain (median of {rows[0]['repeats']}) | data / step alone (s) | ideal ratio |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['batch']} | {r['threads']} / {r['prefetch_threads']} | {r['plain_samples_per_s']:.1f} | "
+                   f"{r['prefetch_samples_per_s']:.1f} | {r['ratio']:.2f}x "
+                   f"({', '.join(f'{v:.2f}' for v in r['ratios'])}) | {r['data_s_per_step']:.3f} / "
+                   f"{r['step_s_per_step']:.3f} | {r['ideal_ratio']:.2f}x |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
@@ -202,12 +217,15 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=12, help="--prefetch: steps per timed loop")
     ap.add_argument("--depth", type=int, default=1, choices=[1, 2], help="--prefetch: batches made ahead")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--prefetch-threads", nargs="+", default=["default", "1"],
+                    help="--prefetch: torch threads of the Prefetcher's thread, one row each ('default': torch's "
+                         "default for a new thread)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.prefetch:
-        res = time_prefetch(args.batch, args.steps, args.repeats, args.depth)
-        print(f"`python benchmarks/bench_data.py --prefetch --batch {args.batch} --steps {args.steps} "
-              f"--repeats {args.repeats} --depth {args.depth} --threads {args.threads}`\n")
+        pt = [None if v == "default" else int(v) for v in args.prefetch_threads]
+        res = time_prefetch(args.batch, args.steps, args.repeats, args.depth, pt)
+        print(f"`python benchmarks/bench_data.py {' '.join(sys.argv[1:])}`\n")
         print(markdown_prefetch(res))
     else:
         print(markdown(run(args.sizes, args.batch, args.repeats)))

@@ -114,3 +114,17 @@ def test_close_before_iterating_and_single_use():
 def test_depth_is_checked():
     with pytest.raises(ValueError, match="depth must be 1 or 2"):
         Prefetcher(lambda s: s, range(3), depth=0)
+
+
+def test_threads_apply_to_the_background_thread():
+    seen = []
+
+    def make(step):
+        seen.append(torch.get_num_threads())
+        return step
+
+    before = torch.get_num_threads()
+    assert [s for s, _ in Prefetcher(make, range(2), threads=1)] == [0, 1]
+    assert seen == [1, 1]
+    if "OpenMP" in torch.__config__.parallel_info():  # per-thread setting with torch's OpenMP builds
+        assert torch.get_num_threads() == before

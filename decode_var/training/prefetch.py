@@ -52,13 +52,17 @@ class Prefetcher:
         depth: finished batches held ahead of the consumer (1 or 2); one more may be in the making.
             Memory: up to ``depth + 1`` batches besides the one in use.
         name: the thread's name (seen in debuggers and ``threading.enumerate()``).
+        threads: torch intra-op threads of the background thread (``torch.set_num_threads`` called in it,
+            which with torch's OpenMP and MKL builds holds for that thread only); None = torch's default for
+            a new thread. On a CPU that the training step already fills, 1 keeps the two from fighting
+            over the cores.
     """
 
     def __init__(self, make: Callable[[int], Any], steps: Iterable[int], depth: int = 1,
-                 name: str = "decode-var-prefetch"):
+                 name: str = "decode-var-prefetch", threads: Optional[int] = None):
         if depth not in (1, 2):
             raise ValueError(f"Prefetcher depth must be 1 or 2 (batches made ahead), got {depth!r}.")
-        self.make, self.steps, self.depth, self.name = make, steps, depth, name
+        self.make, self.steps, self.depth, self.name, self.threads = make, steps, depth, name, threads
         self._queue: Optional[queue.Queue] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -76,6 +80,10 @@ class Prefetcher:
 
     def _produce(self) -> None:
         try:
+            if self.threads is not None:
+                import torch
+
+                torch.set_num_threads(int(self.threads))
             for step in self.steps:
                 if self._stop.is_set():
                     return
