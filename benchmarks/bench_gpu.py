@@ -80,7 +80,6 @@ def agreement(param) -> dict:
     gpu.model.load_state_dict(cpu.model.state_dict())
     _, frames, tgt = cpu.test_set()
     frames, tgt = frames[:16], _slice(tgt, slice(0, 16))
-    n_active = getattr(cpu.loss, "active_scales", None)
 
     def run(tr, autocast=False):
         tr.model.train()
@@ -91,7 +90,7 @@ def agreement(param) -> dict:
         x, t = frames.to(tr.device), _to_device(tgt, tr.device)
         torch.manual_seed(0)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss, out = tr.task.train_forward(x, t, n_active)
+            loss, out = tr.task.train_forward(x, t)
         loss = loss.mean()
         loss.backward()
         gnorm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in tr.model.parameters() if p.grad is not None))
