@@ -202,16 +202,21 @@ print(json.dumps({{"compile_s": times[0] - t0, "steady_fps": (len(stack) - first
 """
 
 
-def run_compiled(exp: Path, stack: Path, device: str, threads: int) -> dict:
-    """The fit's model under ``torch.compile``: seconds of the first batch (compiling) and frames/s after it."""
-    code = _COMPILED.format(threads=threads, param=str(exp / "param_run.yaml"), model=str(exp / "model.pt"),
-                            frames=str(stack), device=device)
+def _child_json(code: str, what: str) -> dict:
+    """Run ``code`` in a fresh Python with this checkout importable; its last stdout line, as JSON."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir())
     if proc.returncode != 0:
-        raise RuntimeError(f"compiled fit failed:\n{proc.stderr.decode()[-2000:]}")
+        raise RuntimeError(f"{what} failed:\n{proc.stderr.decode()[-2000:]}")
     return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def run_compiled(exp: Path, stack: Path, device: str, threads: int) -> dict:
+    """The fit's model under ``torch.compile``: seconds of the first batch (compiling) and frames/s after it."""
+    code = _COMPILED.format(threads=threads, param=str(exp / "param_run.yaml"), model=str(exp / "model.pt"),
+                            frames=str(stack), device=device)
+    return _child_json(code, "compiled fit")
 
 
 def baseline_param(exp: Path, size: int, tmp: Path) -> Path:
@@ -306,12 +311,7 @@ def decode_infer_speed(stack: Path, device: str, threads: int, batch) -> dict | 
         return None
     code = _DECODE_CHILD.format(threads=threads, param=str(SIGMAMUNET_PARAM), frames=str(stack), device=device,
                                 batch=batch)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=tempfile.gettempdir())
-    if proc.returncode != 0:
-        raise RuntimeError(f"DECODE Infer subprocess failed:\n{proc.stderr.decode()[-2000:]}")
-    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return _child_json(code, "DECODE Infer subprocess")
 
 
 def main(argv=None) -> int:
