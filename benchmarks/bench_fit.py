@@ -59,7 +59,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode_var.config.param import load_param, save_param  # noqa: E402
+from decode_var.config.param import load_param  # noqa: E402
 
 DEFAULT_FRAMES = {64: 512, 128: 256, 256: 96, 512: 32, 1024: 8}
 DENSITY_PER_PX = 6.0 / 1600.0
