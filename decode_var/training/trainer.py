@@ -288,7 +288,7 @@ class Trainer:
         simulator that draws from the global RNG (the ``decode`` backend's camera)."""
         choice = self.param.VAR.train.prefetch
         wanted = self.device.type != "cpu" if choice == "auto" else bool(choice)
-        return wanted and getattr(self.simulator, "thread_safe", False)
+        return wanted and self.simulator.thread_safe
 
     def train_step(self, step: int, data=None) -> "StepResult":
         """One optimiser step of the current epoch (or a skipped batch, with the reason); ``data``: the
@@ -367,7 +367,7 @@ class Trainer:
 
     def _rank_mean(self, sums):
         """Per-rank sums of the step losses -> their mean over the ranks (identity in one process)."""
-        if sums is None or isinstance(self.proc, SingleProcess):
+        if sums is None:
             return sums
         return [v / self.proc.world_size for v in self.proc.all_reduce(sums)]
 
