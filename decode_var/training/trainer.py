@@ -149,11 +149,6 @@ class Trainer:
         if self.log_enabled and tb_dir is not None:
             self.open_tensorboard(tb_dir)
 
-    @property
-    def dist(self):
-        """The process context (kept under its earlier name)."""
-        return self.proc
-
     def open_tensorboard(self, tb_dir: Path) -> None:
         """TensorBoard logging (DECODE's logger) when the tensorboard package is installed."""
         try:
