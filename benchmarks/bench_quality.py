@@ -290,13 +290,21 @@ def markdown(res: dict) -> str:
 
 
 def markdown_curves(res: dict) -> str:
+    """Jaccard / lateral RMSE at every evaluation along training. Runs on a common sample budget
+    share the header's sample counts; equal-time runs (each model at its own speed) say in each
+    cell how many samples it had seen."""
     rows = res["rows"]
     n = max((len(r["curve"]) for r in rows), default=0)
-    head = " | ".join(f"@{c['samples']}" for c in max(rows, key=lambda r: len(r["curve"]))["curve"]) if rows else ""
-    out = [f"| emitters/frame | model | seed | Jaccard {head} |", "|" + "---|" * (3 + max(n, 1))]
+    same = len({tuple(c["samples"] for c in r["curve"]) for r in rows}) <= 1
+    if same:
+        head = " | ".join(f"@{c['samples']}" for c in rows[0]["curve"]) if rows else ""
+    else:
+        head = " | ".join(f"eval {i + 1}" for i in range(n))
+    out = [f"| emitters/frame | model | seed | Jaccard / RMSE lat (nm) {head} |", "|" + "---|" * (3 + max(n, 1))]
     for r in rows:
-        out.append(f"| {r['density']:g} | {r['model']} | {r['seed']} | "
-                   + " | ".join(f"{c['jac']:.3f}" for c in r["curve"]) + " |")
+        cells = [f"{c['jac']:.3f} / {c.get('rmse_lat', math.nan):.1f}" + ("" if same else f" @{c['samples']}")
+                 for c in r["curve"]]
+        out.append(f"| {r['density']:g} | {r['model']} | {r['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -360,7 +368,7 @@ def main(argv=None):
         for p in parts:
             print(p.get("command", ""))
         print(markdown_summary(res))
-        print("\nJaccard against training samples seen:\n")
+        print("\nJaccard / lateral RMSE along training (samples seen):\n")
         print(markdown_curves(res))
         return
     samples = args.samples if args.samples or args.minutes else 4096
@@ -372,7 +380,7 @@ def main(argv=None):
     print(markdown(res))
     print("\nPer model, seeds side by side:\n")
     print(markdown_summary(res))
-    print("\nJaccard against training samples seen:\n")
+    print("\nJaccard / lateral RMSE along training (samples seen):\n")
     print(markdown_curves(res))
     if res["paired"]:
         print("\nLateral RMSE on the ground-truth emitters that both models found (paired):\n")
