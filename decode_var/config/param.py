@@ -529,8 +529,6 @@ def _check_var_train(param: Param) -> None:
                          "calibration (.mat), or use VAR.psf: gaussian, which needs no calibration.")
 
 
-
-
 def save_param(path: Union[str, Path], param: Union[Param, dict]) -> None:
     """Write a param file atomically (a crash leaves the old file or the new one, never half)."""
     from decode_var.core.atomic import atomic_write_text

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from decode_var.core.errors import InputDataError, ParamError, ShapeError
+from decode_var.data.simulation import accumulate, frame_slots
 
 __all__ = ["SplineCalibration", "load_calibration", "save_calibration", "make_calibration",
            "gaussian_pixel_model", "SplinePSF", "OUT_OF_ROI_VALUE"]
@@ -230,12 +231,6 @@ def make_calibration(model: Callable, roi_size: int = 21, z_range_nm: Sequence[f
 
 
 # rendering ---------------------------------------------------------------------------------------
-def _accumulate(out, index, values, slot):
-    from decode_var.data.simulation import accumulate
-
-    return accumulate(out, index, values, slot)
-
-
 class SplinePSF:
     """Cubic-spline PSF, batched in torch (CPU or GPU), with DECODE 0.10's ``CubicSplinePSF`` conventions.
 
@@ -404,11 +399,9 @@ class SplinePSF:
         flat_ERR = (frame_ix[keep][:, None, None] * (sx * sy) + px_ER[:, :, None] * sy + py_ER[:, None, :])
 
         def slot():  # GPUs: each emitter's rank in its frame; summed rank by rank, in a fixed order
-            from decode_var.data.simulation import frame_slots
-
             return frame_slots(frame_ix[keep])[:, None, None].expand_as(flat_ERR)[on_ERR]
 
-        frames = _accumulate(frames, flat_ERR[on_ERR], rois_ERR[on_ERR].to(frames.dtype), slot)
+        frames = accumulate(frames, flat_ERR[on_ERR], rois_ERR[on_ERR].to(frames.dtype), slot)
         return frames.view(n_frames, sx, sy)
 
     __call__ = forward

@@ -285,14 +285,13 @@ class Trainer:
         wanted = self.device.type != "cpu" if choice == "auto" else bool(choice)
         return wanted and self.simulator.thread_safe
 
-    def train_step(self, step: int, data=None) -> "StepResult":
+    def train_step(self, step: int, data) -> "StepResult":
         """One optimiser step of the current epoch (or a skipped batch, with the reason); ``data``: the
-        step's (frames, targets) when made already, else they are simulated here."""
+        step's (frames, targets), from :meth:`_batches`."""
         seed = self.proc.step_seed(self.param.VAR.seed, self.epoch, step)
         torch.manual_seed(seed)  # dropout, and coins of models without a generator
         self.task.seed_step(seed)  # the model's own coins: a function of (seed, epoch, step, rank)
-        frames, tgt = data if data is not None else \
-            self.batch(self.param.HyperParameter.batch_size, self.step_data_seed(step))[1:]
+        frames, tgt = data
         self.optimizer.zero_grad(set_to_none=True)
         loss_val, out = self.task.train_forward(frames, tgt, model=self._ddp)
         result = StepResult(loss_val, loss_val.mean())
