@@ -7,9 +7,8 @@ Public entry points:
   ``builtin`` otherwise).
 - :mod:`decode_var.registry`: models and losses by name; :func:`register_with_decode`.
 """
-__version__ = "0.2.0"
-
-from decode_var.core.channels import CHANNELS  # noqa: E402
+from decode_var.core.channels import CHANNELS
+from decode_var.core.version import __version__
 
 __all__ = ["CHANNELS", "register_with_decode", "__version__"]
 

@@ -314,7 +314,7 @@ def test_no_tensor_of_the_data_path_is_made_on_the_default_device(tmp_path):
 
 
 def test_frame_slots_rank_emitters_within_their_frame():
-    from decode_var.data.simulation import frame_slots
+    from decode_var.data.accumulate import frame_slots
 
     assert frame_slots(torch.tensor([2, 0, 2, 1, 0, 2])).tolist() == [0, 0, 1, 0, 1, 2]
     assert frame_slots(torch.zeros(0, dtype=torch.long)).tolist() == []
@@ -323,7 +323,7 @@ def test_frame_slots_rank_emitters_within_their_frame():
 def test_gpu_accumulation_path_sums_like_index_add():
     """The GPU path of the PSFs' accumulation (slot by slot, a fixed order) gives index_add_'s sums, and the same
     bits on every run; run here on the CPU."""
-    from decode_var.data.simulation import accumulate_in_order, frame_slots
+    from decode_var.data.accumulate import accumulate_in_order, frame_slots
 
     g = torch.Generator().manual_seed(0)
     frame_ix = torch.randint(0, 50, (2000,), generator=g)
@@ -338,13 +338,14 @@ def test_gpu_accumulation_path_sums_like_index_add():
 def test_psf_frames_on_the_gpu_path_match_the_cpu_path(config, tmp_path, monkeypatch):
     """Gaussian and spline PSF frames summed the GPU way (forced on the CPU) are the CPU's, bit for bit: per pixel,
     rank by rank within a frame is the emitter order that the CPU's sequential index_add_ follows."""
+    import decode_var.data.accumulate as accumulate
     import decode_var.data.simulation as simulation
 
     param = quickstart_param() if config == "quickstart" else rich_param(tmp_path)
     sim = simulation.Simulator.parse(param)
     xyz, phot, frame, _ = sim._emitters(16, torch.Generator().manual_seed(4))
     ref = sim.psf.forward(xyz, phot, frame, 48)
-    monkeypatch.setattr(simulation, "IN_ORDER_ON_CPU", True)
+    monkeypatch.setattr(accumulate, "IN_ORDER_ON_CPU", True)
     got = sim.psf.forward(xyz, phot, frame, 48)
     assert torch.equal(got, ref)
 

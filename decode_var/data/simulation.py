@@ -44,6 +44,9 @@ from decode_var.core.devices import resolve_device
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
 from decode_var.core.log import warn
+from decode_var.data.accumulate import accumulate, frame_slots
+from decode_var.data.spline_psf import SplinePSF
+from decode_var.data.targets import frame_grid
 
 
 @dataclass
@@ -77,42 +80,6 @@ class Batch:
                      self.em_all.to(device, non_blocking), move(self.bg_NCHW))
 
 
-def frame_slots(frame_ix: torch.Tensor) -> torch.Tensor:
-    """(E,) rank of each emitter among the emitters of its frame (0, 1, ... in the order given), long."""
-    order = torch.argsort(frame_ix, stable=True)
-    sorted_ix = frame_ix[order]
-    rank_sorted = torch.arange(frame_ix.numel(), device=frame_ix.device) - torch.searchsorted(sorted_ix, sorted_ix)
-    return torch.empty_like(rank_sorted).index_put_((order,), rank_sorted)
-
-
-#: tests set this to run :func:`accumulate`'s GPU path on the CPU
-IN_ORDER_ON_CPU = False
-
-
-def accumulate(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor, slot) -> torch.Tensor:
-    """``out.index_add_(0, index, values)``, summed in the same order on every run on every device.
-
-    On the CPU this is ``index_add_`` itself (sequential, and what earlier versions computed bit for bit).
-    On a GPU ``index_add_`` adds with atomics in no fixed order, so float sums differ between runs; there
-    the values are added group by group of equal ``slot`` (one ``index_add_`` each, slot 0 first), and
-    ``index`` must not repeat within a group (e.g. ``slot``: the emitter's rank within its frame).
-    ``slot``: a long tensor like ``index``, or a function returning one (only called on the GPU path).
-    """
-    if (out.device.type == "cpu" and not IN_ORDER_ON_CPU) or index.numel() == 0:
-        return out.index_add_(0, index, values)
-    return accumulate_in_order(out, index, values, slot() if callable(slot) else slot)
-
-
-def accumulate_in_order(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor,
-                        slot: torch.Tensor) -> torch.Tensor:
-    """:func:`accumulate`'s GPU path, on any device: one ``index_add_`` per value of ``slot``, in increasing order."""
-    order = torch.argsort(slot, stable=True)
-    counts = torch.bincount(slot).tolist()
-    for idx, val in zip(index[order].split(counts), values[order].split(counts)):
-        out.index_add_(0, idx, val)
-    return out
-
-
 def astigmatism(z_nm: torch.Tensor, sigma_0: float, foc_shift: float, rl_range: float) -> torch.Tensor:
     """(E, 2) Gaussian widths in px along x and y for z in nm (DECODE's Gaussian beam model)."""
     sx = sigma_0 * torch.sqrt(1 + ((z_nm + foc_shift) / rl_range) ** 2)
@@ -132,8 +99,6 @@ class GaussianPSF:
     def __init__(self, xextent, yextent, img_shape, sigma_0: float = 1.0, foc_shift: float = 250.0,
                  rl_range: float = 280.0, mode_3d: bool = True):
         self.img_shape = tuple(int(s) for s in img_shape)
-        from decode_var.data.targets import frame_grid
-
         self.edge_x, self.edge_y, _, _ = frame_grid(self.img_shape, xextent, yextent)
         self.sigma_0, self.foc_shift, self.rl_range, self.mode_3d = sigma_0, foc_shift, rl_range, mode_3d
         self._edges = {}  # device -> (edge_x, edge_y) on it
@@ -341,8 +306,6 @@ class Simulator:
         if device is None:
             device = cls._parse_device(param, own_psf=psf is None)
         if psf is None and param.VAR.psf == "spline":
-            from decode_var.data.spline_psf import SplinePSF  # built-in cubic spline: no DECODE needed
-
             psf = SplinePSF.parse(param)
         if psf is None:
             psf = GaussianPSF.parse(param)

@@ -40,8 +40,10 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from decode_var.core.atomic import atomic_write
 from decode_var.core.errors import InputDataError, ParamError, ShapeError
-from decode_var.data.simulation import accumulate, frame_slots
+from decode_var.data.accumulate import accumulate, frame_slots
+from decode_var.data.fisher import crlb_from_model
 
 __all__ = ["SplineCalibration", "load_calibration", "save_calibration", "make_calibration",
            "gaussian_pixel_model", "SplinePSF", "OUT_OF_ROI_VALUE"]
@@ -152,8 +154,6 @@ def load_calibration(path: Union[str, pathlib.Path]) -> SplineCalibration:
 def save_calibration(path: Union[str, pathlib.Path], calib: SplineCalibration) -> pathlib.Path:
     """Write ``calib`` in SMAP's structure (``SXY.cspline.{coeff (1 x 1 cell), dz, z0, x0}``), atomically."""
     import scipy.io as sio
-
-    from decode_var.core.atomic import atomic_write
 
     cell = np.empty((1, 1), dtype=object)
     cell[0, 0] = np.asarray(calib.coeff_XYZ64, dtype=np.float32)
@@ -413,7 +413,6 @@ class SplinePSF:
         The Fisher information of each emitter's ROI (the calibration's ROI, as DECODE's ``crlb``), from
         autograd derivatives of :meth:`rois`; ``em_gain`` doubles the variances (EMCCD excess noise).
         """
-        from decode_var.data.fisher import crlb_from_model
 
         def model(xyz_E3, phot_E, bg_E):
             rois_ERR, _ = self.rois(xyz_E3, phot_E)
