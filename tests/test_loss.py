@@ -308,8 +308,10 @@ def _param(loss=None, scales=(0.5, 1.0), **hyper):
 
 
 def test_parse_defaults_from_partial_namespaces():
+    # an empty namespace is a param that sets nothing: the reference defaults, VAR.scales included (as load_param)
     crit = AdaptivePPXYZBLoss.parse(SimpleNamespace())
-    assert crit.n_scales == 1 and crit.pos_weight == 2.0 and crit.xyz_loss == "mse"
+    assert crit.n_scales == 3 and crit.factors == [0.25, 0.5, 1.0]
+    assert crit.pos_weight == 2.0 and crit.xyz_loss == "mse"
     assert crit.channel_weights.tolist() == pytest.approx(PRESETS["recommended"])
     assert crit.adaptive.interval == 10 and crit.adaptive.window == 5 and crit.adaptive.enabled
     crit = PPXYZBLoss.parse(_param(loss=None, scales=(0.25, 0.5, 1.0, 2.0)))

@@ -6,8 +6,12 @@ reference defaults key by key, unknown keys of DECODE's sections are kept, and t
 plugin reads is validated, and every problem is one :class:`~decode_var.core.errors.ParamError` that
 names the key and the fix.
 
+The file must mean what the user wrote: an empty file and a key given twice (at any depth) are errors,
+and a key of DECODE's sections that neither DECODE nor decode-var reads is warned about ("did you mean").
+
 The loaded object is a :class:`Param` namespace (``param.HyperParameter.batch_size``), which is
-what DECODE's own ``parse(param)`` classmethods expect.
+what DECODE's own ``parse(param)`` classmethods expect. Our ``parse(param)`` methods also take DECODE's
+own loaded param (:func:`as_param`).
 """
 from __future__ import annotations
 
@@ -15,16 +19,38 @@ import copy
 import difflib
 import functools
 import math
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Union
 
 import yaml
 
 from decode_var.core.errors import ParamError
+from decode_var.core.log import warn
 
 #: Sections in which unknown keys are errors (the plugin owns them).
 STRICT_SECTIONS = ("VAR",)
+
+#: Keys of DECODE's sections that DECODE reads but decode-var does not (DECODE 0.10.2's reference.yaml, and keys
+#: its code reads beyond it): kept without a warning. Any other unknown key of a DECODE section is warned about.
+DECODE_ONLY_KEYS = {
+    "Camera": ("mirror_dim",),
+    "Hardware": ("torch_multiprocessing_sharing_strategy", "device_ix"),
+    "HyperParameter": ("auto_restart_param", "disabled_attributes", "ds_lifetime", "epoch_0", "fgbg_factor",
+                       "photon_threshold", "target_train_rim"),
+    "InOut": ("model_out",),
+    "PostProcessingParam": ("ax_th", "lat_th", "match_dims", "single_val_th", "total_th", "vol_th"),
+    "Scaling": ("dx_max", "dy_max", "linearisation_buffer", "mu_sig_bg"),
+    "Simulation": ("photon_range",),
+}
+
+#: ``HyperParameter.arch_param.initial_features`` of DECODE 0.10.2's reference (filled by its ``load_params``).
+DECODE_ARCH_FEATURES = 48
+
+#: Keys where empty (null) is a choice, not "unset": kept when a DECODE-loaded param is adapted (:func:`as_param`).
+EMPTY_IS_A_CHOICE = ("Camera.em_gain", "HyperParameter.emitter_label_photon_min", "PostProcessing")
 
 #: Number keys that also take a list: a range [low, high] drawn per sample, or one value per Perlin scale.
 NUMBER_OR_LIST = ("Simulation.emitter_av", "Simulation.bg_perlin_scale")
@@ -179,6 +205,41 @@ def autofill(user: dict, reference: dict, path: str = "") -> dict:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice, at any depth (YAML would keep the last)."""
+
+    def construct_document(self, node):
+        self._check_unique_keys(node)
+        return super().construct_document(node)
+
+    def _check_unique_keys(self, root) -> None:
+        todo, seen_nodes = [(root, "")], set()
+        while todo:  # iterative: deep nesting and aliases (a node reached twice) are fine
+            node, where = todo.pop()
+            if id(node) in seen_nodes:
+                continue
+            seen_nodes.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                todo.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                lines = {}
+                for key_node, value_node in node.value:
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                    path = f"{where}.{name}" if where else str(name)
+                    if name is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                        key = (key_node.tag, name)
+                        if key in lines:
+                            raise _DuplicateKey(path, lines[key], key_node.start_mark.line + 1)
+                        lines[key] = key_node.start_mark.line + 1
+                    todo.append((value_node, path))
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ParamError(f"Param file {path} does not exist. Start from param/var_quickstart.yaml.")
@@ -189,14 +250,18 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as err:
         raise ParamError(f"Param file {path} cannot be read ({err}). Check the path and permissions.") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except _DuplicateKey as dup:
+        raise ParamError(f"Param file {path} gives the key {dup.key} twice (line {dup.first} and line {dup.again}); "
+                         f"YAML would silently keep the last. Keep one of them.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ParamError(f"Param file {path} is not valid YAML{where}: "
                          f"{getattr(err, 'problem', err)}. Fix the syntax (indentation, colons).") from None
-    if data is None:
-        data = {}
+    if data is None or data == {}:
+        raise ParamError(f"Param file {path} is empty: it sets nothing, so a run would silently use every default. "
+                         f"Start from param/var_quickstart.yaml, or write the sections you mean.")
     if not isinstance(data, dict):
         raise ParamError(f"Param file {path} must hold sections (a mapping), got {type(data).__name__}.")
     return data
@@ -205,7 +270,31 @@ def _read_yaml(path: Path) -> dict:
 def load_param(path: Union[str, Path], overrides: dict | None = None) -> Param:
     """Read a param file, fill defaults, derive ``Scaling``, validate. Raises :class:`ParamError`."""
     data = _read_yaml(Path(path))
+    for key, hint in unknown_decode_keys(data):
+        if (str(Path(path).resolve()), key) not in _WARNED:  # a CLI may load its param twice (fit: frames, export)
+            _WARNED.add((str(Path(path).resolve()), key))
+            warn(f"{path}: {key} is not a key that DECODE or decode-var reads; it is kept but has no effect.{hint}")
     return param_from_dict(data, overrides=overrides, source=str(path))
+
+
+#: (param file, key) already warned about in this process.
+_WARNED: set = set()
+
+
+def unknown_decode_keys(data: dict) -> list[tuple[str, str]]:
+    """``[(Section.key, " Did you mean ...?"), ...]``: keys of DECODE's sections that nobody reads (misspelt?).
+
+    Unknown top-level sections stay tolerated, as DECODE does; unknown ``VAR`` keys are errors
+    (:func:`autofill`), so only DECODE's own sections are looked at here, one level deep.
+    """
+    found = []
+    for section, ref in _reference().items():
+        user = data.get(section)
+        if section in STRICT_SECTIONS or not isinstance(ref, dict) or not isinstance(user, dict):
+            continue
+        known = list(ref) + list(DECODE_ONLY_KEYS.get(section, ()))
+        found += [(f"{section}.{key}", _suggest(key, known)) for key in user if key not in known]
+    return found
 
 
 def param_from_dict(data: dict, overrides: dict | None = None, source: str = "param") -> Param:
@@ -222,6 +311,61 @@ def param_from_dict(data: dict, overrides: dict | None = None, source: str = "pa
     autoset_scaling(param)
     validate(param)
     return param
+
+
+def as_param(param) -> Param:
+    """The validated :class:`Param` for any param a ``parse(param)`` classmethod is given.
+
+    A :class:`Param` (from :func:`load_param` or :func:`param_from_dict`) is returned as it is. Anything else,
+    DECODE's ``RecursiveNamespace`` from ``decode.utils.param_io.load_params``, a ``SimpleNamespace`` or a dict of
+    sections, is read into plain data, filled with decode-var's defaults (a missing ``VAR`` section included)
+    and validated as :func:`param_from_dict` does. DECODE's reference leaves required values empty
+    (``Camera.baseline:``), so an empty value is taken as unset and gets decode-var's default, except
+    where empty is a choice (:data:`EMPTY_IS_A_CHOICE`).
+    """
+    if isinstance(param, Param):
+        return param
+    data = _plain(param)
+    if not isinstance(data, dict):
+        raise ParamError(f"parse(param) needs a param (from load_param, DECODE's load_params, or a dict of "
+                         f"sections), got {type(param).__name__}.")
+    _drop_unset(data, load_reference())
+    _drop_decodes_arch_default(data)
+    return param_from_dict(data, source=f"param ({type(param).__name__})")
+
+
+def _plain(obj):
+    """Nested dicts and lists from namespaces (DECODE's ``RecursiveNamespace`` is a ``SimpleNamespace``)."""
+    if isinstance(obj, Param):
+        return obj.to_dict()
+    if isinstance(obj, SimpleNamespace):
+        obj = vars(obj)
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _drop_unset(data: dict, reference: dict, path: str = "") -> None:
+    """Remove empty values that have a default in ``reference`` (in place), so that :func:`autofill` sets it."""
+    for key in list(data):
+        where, ref = f"{path}.{key}" if path else str(key), reference.get(key)
+        if isinstance(data[key], dict) and isinstance(ref, dict):
+            _drop_unset(data[key], ref, where)
+        elif data[key] is None and ref is not None and not isinstance(ref, dict) and where not in EMPTY_IS_A_CHOICE:
+            del data[key]
+
+
+def _drop_decodes_arch_default(data: dict) -> None:
+    """DECODE's loader fills ``HyperParameter.arch_param.initial_features: 48`` (SigmaMUNet's width) into every
+    param; where ``VAR.model.features`` is given that filled 48 must not override it (in place)."""
+    hp, var = data.get("HyperParameter"), data.get("VAR")
+    arch = hp.get("arch_param") if isinstance(hp, dict) else None
+    var_model = var.get("model") if isinstance(var, dict) else None
+    if (isinstance(arch, dict) and arch.get("initial_features") == DECODE_ARCH_FEATURES
+            and isinstance(var_model, dict) and var_model.get("features") is not None):
+        del arch["initial_features"]
 
 
 def _deep_update(d: dict, u: dict) -> None:
@@ -347,6 +491,7 @@ def validate(param: Param) -> None:
     _check_scaling(param.Scaling)
     _check_var(param)
     _check_var_model(param.VAR.model)
+    _check_var_loss(param.VAR.loss)
     _check_var_train(param)
 
 
@@ -505,6 +650,15 @@ def _check_var_model(vm: Param) -> None:
     if vm.p_init is not None:
         _check_num("VAR.model.p_init", vm.p_init, 0, 1, lo_open=True, hi_open=True,
                    what=" (initial p per finest cell; empty = from Simulation.emitter_av)")
+
+
+def _check_var_loss(loss: Param) -> None:
+    """The kinds of ``VAR.loss`` keys whose default is empty (the loss checks the values, naming the key)."""
+    _require(loss.adaptive is None or isinstance(loss.adaptive, bool),
+             f"VAR.loss.adaptive must be true, false or empty, got {loss.adaptive!r}.")
+    cw = loss.channel_weights
+    _require(cw is None or isinstance(cw, (str, list, tuple)), f"VAR.loss.channel_weights must be a preset name "
+             f"or a list of 6 numbers [p, phot, x, y, z, bg] (or empty), got {cw!r}.")
 
 
 def _check_var_train(param: Param) -> None:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from decode_var.nn.channel_weights import CHANNELS, PRESETS, AdaptiveChannelWeights, resolve_channel_weights
+from decode_var.config.param import as_param
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
 from decode_var.nn.progressive import SCHEDULES, ScaleWeightSchedule, build_schedule
 from decode_var.registry import register_loss
@@ -165,8 +166,12 @@ class PPXYZBLoss:
     # ------------------------------------------------------------------ construction from param
     @classmethod
     def parse(cls, param) -> "PPXYZBLoss":
-        """Build from ``param.VAR.loss`` (keys as the constructor's) and ``len(param.VAR.scales)``."""
-        return cls(**cls._parse_kwargs(param))
+        """Build from ``param.VAR.loss`` (keys as the constructor's) and ``len(param.VAR.scales)``.
+
+        Any param is first made a validated one with defaults filled (:func:`decode_var.config.param.as_param`):
+        ours from ``load_param``, DECODE's from its own ``load_params`` (with or without a ``VAR`` section),
+        a namespace or a dict."""
+        return cls(**cls._parse_kwargs(as_param(param)))
 
     @classmethod
     def _parse_kwargs(cls, param) -> dict:
@@ -185,7 +190,7 @@ class PPXYZBLoss:
         if chw is None:
             # A DECODE param written for PPXYZBLoss carries its weights here.
             stat = _get(getattr(param, "HyperParameter", None), "chweight_stat", None)
-            if stat is not None and not isinstance(stat, str) and len(stat) == 6:
+            if isinstance(stat, (list, tuple)) and len(stat) == 6:
                 chw = list(stat)
         if chw is not None:
             kwargs["channel_weights"] = chw

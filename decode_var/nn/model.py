@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decode_var.config.param import as_param
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
 from decode_var.nn.blocks import (FrameEncoder, RefineStage, ScaleTransformer, WindowLayout,
                            recentre, recentre_upsample, resample)
@@ -200,7 +201,10 @@ class VARMultiScale(nn.Module):
         """Build from a loaded param (:func:`decode_var.config.param.load_param`, which fills every default
         and checks every key, :func:`decode_var.config.param.validate`): ``HyperParameter.channels_in``,
         ``HyperParameter.arch_param.initial_features`` (where set), ``VAR.scales`` (via ScaleSchedule),
-        ``VAR.model.*``, ``VAR.teacher_forcing.*`` and, for an empty ``p_init``, ``Simulation.emitter_av``."""
+        ``VAR.model.*``, ``VAR.teacher_forcing.*`` and, for an empty ``p_init``, ``Simulation.emitter_av``.
+        A param loaded by DECODE's own ``load_params`` works too, with or without a ``VAR`` section (its
+        defaults are filled, :func:`decode_var.config.param.as_param`)."""
+        param = as_param(param)
         hp, var = param.HyperParameter, param.VAR
         vm, tf = var.model, var.teacher_forcing
         arch = hp.get("arch_param")
