@@ -1,6 +1,7 @@
 """Reliability benchmark: kill test, signal test, param fuzz, hostile and corrupt files.
 
     python benchmarks/bench_reliability.py [--kills 20] [--fuzz 500] [--seed 0] [--workdir DIR]
+    python benchmarks/bench_reliability.py --hostile [--workdir DIR]
 
 Prints a Markdown table of the counts. ``run(...)`` returns them as a dict (for ``run_all.py``).
 The harness lives in ``tests/reliability_harness.py``; ``tests/test_reliability.py`` and
@@ -21,6 +22,11 @@ The harness lives in ``tests/reliability_harness.py``; ``tests/test_reliability.
   numbers, unknown names); the loader accepts or raises a decode-var error, never a bare Python error.
 - **Hostile / corrupt files**: pickles that would run code on load are refused and nothing runs;
   truncated checkpoints, models and TIFFs get a clear error naming the file.
+- **Hostile inputs through the command lines** (``--hostile`` runs only these; issue 27): the cases of
+  ``tests/hostile_cli.py`` (frames lost, emitters invented, outputs that overwrite inputs, param
+  mistakes, exports no reader can use, output problems, overconfident precision, devices, Ctrl-C),
+  each *held* when the command gives a clear error or a correct result. Prints held / tried and a
+  table of the cases; ``tests/test_hostile_cli.py`` runs the same cases as tests.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ for _p in (REPO, REPO / "tests"):  # the package, and the harness the tests shar
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+import hostile_cli  # noqa: E402
 from reliability_harness import (KILL_RUN, SIGNAL_RUN, corrupt_check, fuzz_params, hostile_check,  # noqa: E402
                                  kill_test, reference_run, signal_test, sweep_params, write_param)
 
@@ -116,8 +123,26 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def hostile_markdown(results: dict) -> str:
+    rows = ["| issue 27 item | hostile input | held | what the command did |", "|---|---|---|---|"]
+    for r in results["cases"]:
+        held = "skipped" if r["held"] is None else "yes" if r["held"] else "**no**"
+        rows.append(f"| {r['item']} | {r['what']} | {held} | {' '.join(r['detail'].split())[-240:].replace('|', '/')} |")
+    return "\n".join(rows + ["", f"held {results['held']} / tried {results['tried']} "
+                                  f"({results['skipped']} skipped)"])
+
+
+def run_hostile(workdir: Optional[Path], log=print) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench_hostile_") as tmp:
+        return hostile_cli.run_all(Path(workdir) if workdir else Path(tmp), log=log)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hostile", action="store_true", help="only the hostile command-line inputs (held / tried)")
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--fuzz", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
@@ -125,6 +150,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-signals", action="store_true")
     p.add_argument("--json", default=None, help="also write the counts to this file")
     args = p.parse_args(argv)
+    if args.hostile:
+        t0 = time.perf_counter()
+        hostile = run_hostile(Path(args.workdir) if args.workdir else None,
+                              log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(hostile_markdown(hostile))
+        print(f"\n{time.perf_counter() - t0:.0f} s; command: python benchmarks/bench_reliability.py --hostile")
+        if args.json:
+            Path(args.json).write_text(json.dumps(hostile, indent=1, default=str))
+        return 0 if hostile["held"] == hostile["tried"] else 1
     results = run(args.kills, args.fuzz, args.seed, Path(args.workdir) if args.workdir else None,
                   not args.no_signals, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(results))

@@ -32,11 +32,13 @@ def parse_args(argv=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.core.errors import DecodeVarError
+    from decode_var.core.errors import DecodeVarError, exit_status
+    from decode_var.core.outputs import check_outputs
     from decode_var.data.spline_psf import gaussian_pixel_model, make_calibration, save_calibration
 
     args = parse_args(argv)
     try:
+        check_outputs([args.out], {"-p": args.param_file})
         if args.param_file:
             from decode_var.config.param import load_param
 
@@ -47,9 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         calib = make_calibration(gaussian_pixel_model(sigma_0, foc_shift, rl_range, mode_3d), args.roi_size,
                                  args.z_range, args.dz)
         save_calibration(args.out, calib)
-    except DecodeVarError as err:
-        print(f"decode-var-make-calibration: error: {err}", file=sys.stderr)
-        return 2
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status("decode-var-make-calibration", err, kept="nothing was written")
     nx, ny, nz = calib.shape
     print(f"wrote {args.out}: {nx} x {ny} px x {nz} voxels of {calib.dz_nm:g} nm, z {calib.z_range_nm[0]:g} .. "
           f"{calib.z_range_nm[1]:g} nm (Gaussian sigma_0 {sigma_0} px, foc_shift {foc_shift} nm, "

@@ -6,20 +6,28 @@ Without ``--frames`` a seeded test set is simulated from the param (``TestSet.te
 ``VAR.test_seed``: the set training reports on). Writes into DIR, each file atomically:
 ``metrics.json`` (DECODE's key names plus the CRLB ratios), ``emitters.csv`` (the localizations),
 ``report.png`` (error histograms, predicted vs true positions, Jaccard and RMSE by photon bin).
+
+Before the model is loaded, the device and DIR are checked (:func:`check_eval_outputs`): DIR is a folder
+(or can be made), writable, with the free space for the files, and none of them is an input (e.g. the
+``--emitters`` ground truth as ``DIR/emitters.csv``). Errors end with one line (exit 2), Ctrl-C with one
+line (exit 130).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from decode_var.core.errors import DecodeVarError
+from decode_var.core.devices import check_device
+from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.log import note
+from decode_var.core.outputs import check_outputs
+from decode_var.evaluation.crlb_scoring import background_at, crlb_metrics, crlb_of  # noqa: F401 (their old home)
+from decode_var.evaluation.model_card import refresh_card
 
 
 def parse_args(argv=None):
@@ -34,49 +42,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def crlb_of(param, gt_matched) -> Optional[torch.Tensor]:
-    """(E, 5) CRLB variances (x, y in nm^2, z nm^2, phot, bg) of matched ground truth, or None."""
-    if len(gt_matched) == 0 or gt_matched.bg is None:
-        return None
-    if param.VAR.psf == "spline":  # autograd Fisher information of the calibration's ROI
-        from decode_var.data.spline_psf import SplinePSF
-
-        var = SplinePSF.parse(param).crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg,
-                                          em_gain=param.Camera.em_gain is not None)
-    else:
-        from decode_var.data.crlb import gaussian_crlb
-
-        g = param.VAR.gaussian_psf
-        var = gaussian_crlb(gt_matched.xyz_px, gt_matched.phot, gt_matched.bg, sigma_0=g.sigma_0,
-                            foc_shift=g.foc_shift, rl_range=g.rl_range, em_gain=param.Camera.em_gain is not None,
-                            mode_3d=g.mode_3d)
-    px = torch.tensor(param.Camera.px_size, dtype=var.dtype)
-    var = var.clone()
-    var[:, 0] *= px[0] ** 2
-    var[:, 1] *= px[1] ** 2
-    return var
-
-
-def crlb_metrics(param, tp, tp_match, metrics) -> dict:
-    """RMSE / sqrt(mean CRLB) for x, y, lateral, z (1 = at the bound)."""
-    var = crlb_of(param, tp_match)
-    if var is None:
-        return {}
-    out = {}
-    d = (tp.xyz_nm - tp_match.xyz_nm).double()
-    for i, name in enumerate(("x", "y", "z")):
-        col = var[:, i].double()
-        ok = torch.isfinite(col)
-        if ok.any():
-            rmse = float(d[ok, i].pow(2).mean().sqrt())
-            out[f"crlb_ratio_{name}"] = rmse / math.sqrt(float(col[ok].mean()))
-    lat_var = (var[:, 0] + var[:, 1]).double()
-    if torch.isfinite(lat_var).any():
-        out["crlb_ratio_lat"] = metrics.get("rmse_lat", float("nan")) / math.sqrt(float(lat_var.mean()))
-        out["crlb_lat_nm"] = math.sqrt(float(lat_var.mean()))
-    return out
-
-
 def evaluate_emitters(param, backend, em_out, gt) -> tuple[dict, tuple]:
     matcher = backend.matcher(param)
     tp, fp, fn, tp_match = matcher.forward(em_out, gt)
@@ -84,14 +49,6 @@ def evaluate_emitters(param, backend, em_out, gt) -> tuple[dict, tuple]:
     metrics.update(crlb_metrics(param, tp, tp_match, metrics))
     metrics["n_pred"], metrics["n_gt"] = len(em_out), len(gt)
     return {k: float(v) for k, v in metrics.items()}, (tp, fp, fn, tp_match)
-
-
-def background_at(bg_NHW: torch.Tensor, em) -> torch.Tensor:
-    """(E,) background (photons / px) of each emitter's frame at the pixel it lies in (px, pixel i
-    centred on i; x = first axis), for backgrounds that vary across the frame."""
-    H, W = bg_NHW.shape[-2:]
-    xy = em.xyz_px[:, :2].round().long()
-    return bg_NHW[em.frame_ix, xy[:, 0].clamp(0, H - 1), xy[:, 1].clamp(0, W - 1)].clone()
 
 
 def simulated_test_set(param, backend, n: Optional[int] = None):
@@ -113,6 +70,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     from decode_var.inference.predictor import Predictor, resolve_model_path
     from decode_var.config.param import load_param
 
+    check_eval_outputs(param_file, model, out, frames, emitters, device, report)
     param = load_param(param_file)
     pred = Predictor(param, resolve_model_path(model), device, trusted)
     out = Path(out)
@@ -145,6 +103,8 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         if gt.px_size is None:
             gt.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
         metrics, matched = evaluate_emitters(param, pred.backend, em_out, gt)
+        if frames is None:  # the model's own seeded test set: its card's precision calibration (issue 27)
+            refresh_card(resolve_model_path(model), param, matched[0], matched[3])
         if report:
             from decode_var.evaluation.plots import plot_eval_report
 
@@ -157,6 +117,26 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     return metrics
 
 
+#: Free space asked for by an evaluation: the report and the metrics, plus the frames file's size for the
+#: localizations (as decode-var-fit estimates, decode_var.fit.EMITTER_BYTES_PER_FRAME_BYTE).
+EVAL_REPORT_BYTES = 20_000_000
+
+
+def check_eval_outputs(param_file, model, out, frames=None, emitters=None, device="cpu", report=True) -> None:
+    """The pre-flight of an evaluation into the folder ``out``; raises OutputError / DeviceError."""
+    from decode_var.inference.predictor import resolve_model_path
+
+    check_device(device)
+    out = Path(out)
+    files = [out / "metrics.json", out / "emitters.csv"] + ([out / "report.png"] if report else [])
+    try:
+        frames_bytes = Path(frames).stat().st_size if frames is not None else 0
+    except OSError:  # missing: reported when the stack is opened
+        frames_bytes = 0
+    check_outputs(files, {"-p": param_file, "--model": resolve_model_path(model), "--frames": frames,
+                          "--emitters": emitters}, EVAL_REPORT_BYTES + frames_bytes)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.frames is None and args.emitters is not None:
@@ -167,9 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         metrics = run(args.param_file, args.model, args.out, args.frames, args.emitters, args.n, args.device,
                       args.trust_pickle, not args.no_report, args.batch_size, args.max_memory,
                       args.compile)
-    except DecodeVarError as err:
-        print(f"decode-var-eval: error: {err}", file=sys.stderr)
-        return 2
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status("decode-var-eval", err, kept=f"the files in {args.out} are each complete or as they were "
+                                                        "(metrics.json is written last)")
     keys = ("jac", "rmse_lat", "rmse_ax", "effcy_lat", "effcy_ax", "crlb_ratio_lat", "prec", "rec")
     print("  ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics) or "no ground truth: no metrics")
     print(f"wrote {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'emitters.csv'}")

@@ -16,17 +16,40 @@ Input guards (each a clear error with exit status 2, before the model sees the f
   refused; set ``convert2photons: false`` for frames already in photons;
 - any frame size works (taken from the stack, the param is never edited); a size the finest
   output grid cannot divide is padded at the high border and emitters outside the frame dropped;
-- constant frames and frames with a negative median: reported at the end; a stack that is constant
-  throughout is refused (nothing to fit);
+- every page of the TIFF is read, whatever its series layout (a movie appended frame by frame is one
+  series per frame); series of different frame sizes or pixel types are refused, naming the layout;
+- impossible frames (saturated: a quarter of the pixels at the integer type's maximum; constant; a
+  median below -1 photon after the camera conversion) get no localizations and are left out of their
+  neighbours' windows as the stack ends are (the window repeats the frame towards its centre); one
+  warning per kind names them, and a stack with no frame left is refused. Most pixels below
+  ``Camera.baseline`` is a warning with the numbers;
+- localizations outside the frame or the trained z range (``Simulation.emitter_extent``) are dropped;
+  the summary line counts frames read, fitted and excluded and localizations dropped, and the output
+  file's metadata stores the same record (:func:`decode_var.data.emitter_io.load_source_meta`);
 - non-finite model outputs: refused, naming the frames (``Predictor.output``).
+
+Output guards, before the model is loaded (:func:`decode_var.core.outputs.check_outputs`): ``-i`` names a
+device this machine has; every file the fit will write (``--out``, the ``--format`` exports, the render)
+goes in a writable folder, is not a folder, is none of the inputs (``--out model.pt`` would destroy the
+model), and the free space covers :func:`expected_output_bytes`. A write that fails later (the disk
+fills meanwhile) ends with one line naming the file; the previous file of that name is kept. Ctrl-C ends
+with one line and exit status 130.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from decode_var.core.errors import DecodeVarError
+import tifffile
+
+from decode_var.core.devices import check_device
+from decode_var.core.errors import DecodeVarError, exit_status
+from decode_var.core.outputs import check_outputs
+
+PROG = "decode-var-fit"
 
 
 def parse_args(argv=None):
@@ -50,26 +73,83 @@ def parse_args(argv=None):
 from decode_var.inference.stack import (check_block_values, check_stack_dtype, fit, localize_stack,  # noqa: E402
                                         resolve_batch_size)
 
+from decode_var.inference.export import export_paths  # noqa: E402
+from decode_var.inference.predictor import resolve_model_path  # noqa: E402
+
 __all__ = ["main", "parse_args", "fit", "localize_stack", "resolve_batch_size", "check_block_values",
-           "check_stack_dtype"]
+           "check_stack_dtype", "output_paths", "expected_output_bytes"]
+
+#: Bytes of each emitter file per byte of the frames file: a dense 16-bit stack (one emitter per 100 px,
+#: about 200 bytes each in DECODE's CSV) gives 2 bytes per px, the size of its pixels; usual stacks far less.
+EMITTER_BYTES_PER_FRAME_BYTE = 1.0
+#: Bytes of the render per camera pixel of one frame: 10 x 10 render px (10 nm px, 100 nm camera px), each
+#: 8 bytes in the float32 TIFF (density and z) and at most 3 in the PNG.
+RENDER_BYTES_PER_CAMERA_PX = 100 * 11
+
+
+def output_paths(out, formats: Sequence[str] = ("decode",), render: bool = True) -> list[Path]:
+    """Every file a fit writes: ``out``, the exports next to it (Picasso's with its .yaml), the render."""
+    out = Path(out)
+    paths = [out]
+    for fmt in dict.fromkeys(f for f in formats if f != "decode"):
+        paths.append(export_paths(out, fmt))
+        if fmt == "picasso":
+            paths.append(paths[-1].with_suffix(".yaml"))
+    if render:  # the names write_fit_outputs and save_render give
+        png = out.with_name(out.stem + "_render.png")
+        paths += [png, png.with_suffix(".tif")]
+    return paths
+
+
+def expected_output_bytes(frames, formats: Sequence[str] = ("decode",), render: bool = True) -> int:
+    """About how much a fit of the TIFF ``frames`` writes, generously: the free space it asks for.
+
+    Each emitter file (DECODE's and each export): :data:`EMITTER_BYTES_PER_FRAME_BYTE` x the frames file;
+    the render: :data:`RENDER_BYTES_PER_CAMERA_PX` x the pixels of one frame (the first page's size; only
+    the TIFF header is read).
+    """
+    try:
+        size = os.path.getsize(frames)
+    except OSError:  # missing: the fit says so
+        return 0
+    n_files = 1 + len({f for f in formats if f != "decode"})
+    total = int(EMITTER_BYTES_PER_FRAME_BYTE * size * n_files)
+    if render:
+        try:
+            with tifffile.TiffFile(frames) as tif:
+                shape = tif.pages[0].shape
+            total += RENDER_BYTES_PER_CAMERA_PX * int(shape[-1]) * int(shape[-2])
+        except Exception:  # noqa: BLE001 - a damaged TIFF is the fit's to report, with its own message
+            pass
+    return total
+
+
+def check_fit_outputs(args) -> None:
+    """The pre-flight of ``decode-var-fit``: device and outputs, before the model is loaded or a frame read."""
+    check_device(args.device)
+    render = not args.no_render
+    check_outputs(output_paths(args.out, args.format, render),
+                  {"--model": resolve_model_path(args.model), "-p": args.param_file, "--frames": args.frames},
+                  expected_output_bytes(args.frames, args.format, render))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        check_fit_outputs(args)
         em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
                  args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile)
-    except DecodeVarError as err:
-        print(f"decode-var-fit: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(em)} emitters to {args.out}")
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status(PROG, err, kept=f"nothing was written ({args.out} is as it was)")
+    print(em.fit_report.summary(len(em), args.out))
     try:
         from decode_var.inference.export import write_fit_outputs
 
-        extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render)
-    except DecodeVarError as err:
-        print(f"decode-var-fit: error: the emitters are saved in {args.out}, but {err}", file=sys.stderr)
-        return 2
+        extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render,
+                                  model=args.model)  # its card calibrates the exported precision
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status(PROG, err, kept=f"the emitters are saved in {args.out}, the other outputs are not all "
+                                           "written", context=f"the emitters are saved in {args.out}, but ")
     if extra:
         print(f"wrote {', '.join(str(p) for p in extra)}")
     return 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from decode_var.core.errors import DecodeVarError
+    from decode_var.core.errors import DecodeVarError, exit_status
 
     ap = argparse.ArgumentParser(prog="decode-var-quickstart", description=__doc__.split("\n\n")[1])
     ap.add_argument("--out", default="out/quickstart", help="parent folder of the experiment (default out/quickstart)")
@@ -34,9 +34,8 @@ def main(argv=None) -> int:
             trainer = train(param_file, log_comment="quickstart", no_log=True, overrides=overrides)
         exp = trainer.exp_dir
         metrics = run_eval(exp / "param_run.yaml", exp / "model.pt", exp / "eval")
-    except DecodeVarError as err:
-        print(f"decode-var-quickstart: error: {err}", file=sys.stderr)
-        return 2
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:  # a stopped training says how to resume it
+        return exit_status("decode-var-quickstart", err)
     print("\nquickstart evaluation (seeded test set, "
           f"{int(metrics.get('n_gt', 0))} emitters):")
     for k in ("jac", "prec", "rec", "rmse_lat", "rmse_ax", "effcy_lat", "effcy_ax", "crlb_ratio_lat"):

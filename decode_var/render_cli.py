@@ -10,6 +10,10 @@ Emitter files are DECODE's formats (.h5, .csv, .pt). The render writes a PNG and
 ThunderSTORM's CSV, converting axes and pixel origin (see :mod:`decode_var.inference.export`). ``-p`` (the run's
 param) gives the camera pixel size and the PSF model (widths of the exported PSF); ``--frame-size`` is the
 camera frame in px (rows, columns); without it the field of view is taken from the localizations.
+
+Both check their outputs before reading the emitters (:func:`decode_var.core.outputs.check_outputs`: a
+writable folder, not a folder, not the emitter or param file) and end with one line on an error (exit 2)
+or Ctrl-C (exit 130); the files are replaced only when complete.
 """
 from __future__ import annotations
 
@@ -17,6 +21,14 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from decode_var.core.errors import DecodeVarError, exit_status
+from decode_var.core.outputs import check_free_space, check_outputs, existing_folder
+
+#: Bytes written per render pixel: float32 TIFF pages (density, and z for 3D) and at most 3 in the PNG.
+RENDER_BYTES_PER_PX = 11
+#: Bytes of an export per byte of the emitter file read (the formats hold the same numbers, a few more columns).
+EXPORT_BYTES_PER_INPUT_BYTE = 2
 
 
 def _common(p):
@@ -42,8 +54,18 @@ def _load(args):
     return em, param
 
 
+def _inputs(args) -> dict:
+    return {"emitter": args.emitters, "-p": args.param_file}
+
+
+def _input_bytes(path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:  # missing: the load says so
+        return 0
+
+
 def render_main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.core.errors import DecodeVarError
     from decode_var.inference.render import render, save_render
 
     p = argparse.ArgumentParser(prog="decode-var-render", description="Render an emitter file (PNG + float TIFF).")
@@ -57,21 +79,23 @@ def render_main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.emitters).with_name(Path(args.emitters).stem + "_render.png")
     try:
+        check_outputs([out, out.with_suffix(".tif")], _inputs(args))
         em, _ = _load(args)
         r = render(em, args.frame_size, None, args.px_size, args.mode, args.sigma,
                    False if args.no_z_color else None, args.z_range)
+        # the size is known once the field of view is: checked before anything is written
+        check_free_space(existing_folder(out), RENDER_BYTES_PER_PX * r.density_HW.size)
         paths = save_render(r, out, title=f"{Path(args.emitters).name}: {len(em)} localizations, {args.mode}, "
                                           f"{args.px_size:g} nm px")
-    except DecodeVarError as err:
-        print(f"decode-var-render: error: {err}", file=sys.stderr)
-        return 2
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status("decode-var-render", err, kept="nothing was written")
     print(f"wrote {', '.join(str(x) for x in paths)} ({r.density_HW.shape[0]} x {r.density_HW.shape[1]} px)")
     return 0
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.core.errors import DecodeVarError
-    from decode_var.inference.export import FORMATS, export
+    from decode_var.evaluation.model_card import load_card
+    from decode_var.inference.export import FORMATS, export, readable_rows
 
     p = argparse.ArgumentParser(prog="decode-var-convert",
                                 description="Convert an emitter file for Picasso, ThunderSTORM or DECODE.")
@@ -81,12 +105,17 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
                                                 ".h5/.csv/.pt)")
     p.add_argument("--frames", type=int, default=None, help="frames of the movie (Picasso's yaml; default: last + 1)")
     args = p.parse_args(argv)
+    out = Path(args.out)
     try:
+        check_outputs([out] + ([out.with_suffix(".yaml")] if args.format == "picasso" else []), _inputs(args),
+                      EXPORT_BYTES_PER_INPUT_BYTE * _input_bytes(args.emitters))
         em, param = _load(args)
-        path = export(em, args.out, args.format, args.frame_size, args.frames, None, param)
-    except DecodeVarError as err:
-        print(f"decode-var-convert: error: {err}", file=sys.stderr)
-        return 2
+        # the model card of the run's experiment folder, when there is one, calibrates the exported precision
+        card = load_card(Path(args.param_file).parent) if args.param_file else None
+        em, _ = readable_rows(em, args.frames, "decode-var-convert")  # so that the count printed is the count written
+        path = export(em, out, args.format, args.frame_size, args.frames, None, param, card)
+    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+        return exit_status("decode-var-convert", err, kept="nothing was written")
     print(f"wrote {len(em)} localizations to {path}" + (f" and {Path(path).with_suffix('.yaml')}"
                                                          if args.format == "picasso" else ""))
     return 0

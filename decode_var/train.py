@@ -19,8 +19,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from decode_var.core.errors import DecodeVarError, ParamError
+from decode_var.core.devices import check_device, parse_device
+from decode_var.core.errors import DecodeVarError, ParamError, exit_status
 from decode_var.core.log import note, warn
+from decode_var.core.outputs import check_output_folder
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -74,6 +76,24 @@ def setup_experiment(param_file: Path, param, debug: bool, comment: Optional[str
     return exp, resuming
 
 
+#: Free space a run needs, per model parameter: model.pt (4 bytes), ckpt.pt (model and Adam's two moments, 12)
+#: and the new ckpt.pt written beside the old one before it replaces it (12 more): 28, rounded up.
+BYTES_PER_PARAMETER = 32
+#: Plus history.json, training_curves.png and the param files.
+RUN_EXTRA_BYTES = 10_000_000
+
+
+def experiment_parent(param) -> tuple[Path, str]:
+    """(the folder a run writes in: InOut.experiment_out, or the resumed experiment; the key that sets it).
+
+    A new experiment folder is new (setup_experiment never reuses one), so no input can be one of its files.
+    """
+    ckpt = param.InOut.checkpoint_init
+    if ckpt:
+        return Path(ckpt).parent, "InOut.checkpoint_init"
+    return Path(param.InOut.experiment_out), "InOut.experiment_out"
+
+
 def train(param_file, device: Optional[str] = None, debug: bool = False, no_log: bool = False,
           num_worker_override: Optional[int] = None, log_folder: str = "runs", log_comment: Optional[str] = None,
           trust_pickle: bool = False, progress: bool = True, overrides: Optional[dict] = None):
@@ -111,6 +131,28 @@ def check_num_workers(n: int) -> None:
                          "(or pass -w 0).")
 
 
+def apply_flags(param, debug: bool, num_worker_override: Optional[int]):
+    """``-d`` (a small data set) and ``-w`` on the param; returns it."""
+    if debug:
+        param.HyperParameter.pseudo_ds_size = min(param.HyperParameter.pseudo_ds_size, 256)
+        param.TestSet.test_size = min(param.TestSet.test_size, 64)
+    if num_worker_override is not None:
+        check_num_workers(num_worker_override)
+        param.Hardware.num_worker_train = num_worker_override
+    return param
+
+
+def training_device(device: str) -> str:
+    """The device to train on: ``device``, or the CPU (with a warning, as DECODE does) for CUDA on a machine
+    without; an unknown name, a GPU index past this machine's or MPS without an Apple GPU is a DeviceError."""
+    flag = "-i/--device (or Hardware.device)"
+    if parse_device(device, flag).type == "cuda" and not torch.cuda.is_available():
+        warn(f"{device} is not available here; training on the CPU.")
+        return "cpu"
+    check_device(device, flag)
+    return device
+
+
 def _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle, progress,
            overrides):
     from decode_var.training import distributed
@@ -119,17 +161,8 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
     from decode_var.config.param import load_param
 
     param_file = Path(param_file)
-    param = load_param(param_file, overrides=overrides)
-    if debug:
-        param.HyperParameter.pseudo_ds_size = min(param.HyperParameter.pseudo_ds_size, 256)
-        param.TestSet.test_size = min(param.TestSet.test_size, 64)
-    if num_worker_override is not None:
-        check_num_workers(num_worker_override)
-        param.Hardware.num_worker_train = num_worker_override
-    device = device or param.Hardware.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        warn(f"{device} is not available here; training on the CPU.")
-        device = "cpu"
+    param = apply_flags(load_param(param_file, overrides=overrides), debug, num_worker_override)
+    device = training_device(device or param.Hardware.device)
     torch.set_num_threads(int(param.Hardware.torch_threads))
     if param.Hardware.device_simulation != "cpu" and device == "cpu":
         param.Hardware.device_simulation = "cpu"
@@ -143,9 +176,13 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
              "the training process (see decode_var.train.check_num_workers).")
     # files are read and written by rank 0 alone; its result (or error) reaches every rank
     on_main = ctx.run_on_main if ctx is not None else (lambda fn: fn())
+    exp_parent, key = experiment_parent(param)
+    on_main(lambda: check_output_folder(exp_parent, flag=key))  # before any model is built or loaded
     state = on_main(lambda: load_checkpoint(param.InOut.checkpoint_init)) if param.InOut.checkpoint_init else None
     # build every part before the experiment folder exists: a bad param leaves nothing behind
     trainer = Trainer(param, None, device=device, log=True, progress=progress, dist=ctx)
+    n_parameters = sum(p.numel() for p in trainer.model.parameters())
+    on_main(lambda: check_output_folder(exp_parent, BYTES_PER_PARAMETER * n_parameters + RUN_EXTRA_BYTES, key))
     if state is None and param.InOut.model_init:
         def init_weights():  # in a distributed run DDP copies rank 0's weights to the other ranks
             load_model_weights(trainer.model, param.InOut.model_init, trusted=trust_pickle)
@@ -194,9 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as err:
         print(f"decode-var-train: {err}", file=sys.stderr)
         return 3
-    except DecodeVarError as err:
-        print(f"decode-var-train: error: {err}", file=sys.stderr)
-        return 2
+    except (DecodeVarError, OSError) as err:  # an OSError a write did not name (atomic writes do)
+        return exit_status("decode-var-train", err)
     except KeyboardInterrupt as err:  # before training started: nothing to save
         print(f"decode-var-train: {err or 'interrupted before training started'}", file=sys.stderr)
         return 130

@@ -58,6 +58,22 @@ def write_param(folder: Path, run: dict, name: str = "param.yaml") -> Path:
     return path
 
 
+def untrained_model(folder: Path) -> Path:
+    """``folder`` with an untrained tiny model (seed 0) and its ``param_run.yaml``: enough for the input
+    and output guards of the fitting tools, which do not depend on the weights."""
+    import torch
+
+    from decode_var.config.param import load_param, save_param
+    from decode_var.registry import build_model
+    from decode_var.training.checkpoint import save_model
+
+    param = load_param(write_param(folder, KILL_RUN))
+    torch.manual_seed(0)
+    save_model(folder / "model.pt", build_model(param))
+    save_param(folder / "param_run.yaml", param)
+    return folder
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

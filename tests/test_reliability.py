@@ -277,16 +277,7 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, kill_ref,
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """An untrained model with its param_run.yaml (the input guards do not depend on the weights)."""
-    from decode_var.training.checkpoint import save_model
-    from decode_var.config.param import load_param, save_param
-    from decode_var.registry import build_model
-
-    folder = tmp_path_factory.mktemp("fitmodel")
-    param = load_param(bench.write_param(folder, bench.KILL_RUN))
-    torch.manual_seed(0)
-    save_model(folder / "model.pt", build_model(param))
-    save_param(folder / "param_run.yaml", param)
-    return folder
+    return bench.untrained_model(tmp_path_factory.mktemp("fitmodel"))
 
 
 def _fit(model_dir, tmp_path, frames, capsys, *extra, param=None, dtype=None):

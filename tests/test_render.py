@@ -80,3 +80,18 @@ def test_render_cli(tmp_path):
     assert (tmp_path / "fit_render.png").exists() and tifffile.imread(tmp_path / "fit_render.tif").shape == (2, 40, 40)
     assert render_main([str(src), "--mode", "hist", "--no-z-color", "--out", str(tmp_path / "h.png")]) == 0
     assert tifffile.imread(tmp_path / "h.tif").ndim == 2
+
+
+def test_non_finite_localizations_are_skipped_with_a_count(tmp_path, capsys):
+    """issue 27, found 8: render crashed on NaN or inf coordinates. They are skipped, counted on stderr, and the
+    image is the one of the finite localizations (also when the field of view comes from their extent)."""
+    nan, inf = float("nan"), float("inf")
+    good = [[2.0, 7.0, -100.0], [4.0, 1.0, 200.0]]
+    em = _em(good + [[nan, 3.0, 0.0], [1.0, inf, 0.0], [1.0, 2.0, -inf]])
+    for frame_shape in ((6, 9), None):
+        r = render(em, frame_shape, mode="hist")
+        assert "3 of 5 localizations with a non-finite x, y or z skipped" in capsys.readouterr().err
+        ref = render(_em(good), frame_shape, mode="hist")
+        assert np.array_equal(r.density_HW, ref.density_HW) and r.density_HW.sum() == 2
+        assert np.array_equal(r.z_HW, ref.z_HW, equal_nan=True) and r.z_range == ref.z_range
+    assert len(save_render(render(em, (6, 9)), tmp_path / "r.png")) == 2

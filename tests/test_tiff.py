@@ -76,6 +76,73 @@ def test_bad_files(tmp_path):
     assert TiffStack(tmp_path / "t1.tif").shape == (3, 8, 8)  # a singleton channel is fine
 
 
+def _write_frame_by_frame(path, frames, how):
+    """A movie saved frame by frame: one TIFF series per frame (or per block of frames)."""
+    if how == "append":
+        for f in frames:
+            tifffile.imwrite(path, f, append=True)
+        return
+    with tifffile.TiffWriter(path) as tw:
+        if how == "blocks":
+            for block in (frames[:3], frames[3:4], frames[4:]):
+                tw.write(block, contiguous=False, photometric="minisblack")
+            return
+        for f in frames:
+            tw.write(f, contiguous=False, compression="zlib" if how == "zlib" else None)
+
+
+@pytest.mark.parametrize("how", ["append", "not_contiguous", "zlib", "blocks"])
+def test_a_movie_saved_frame_by_frame_is_read_whole(tmp_path, how):
+    a = _frames()
+    _write_frame_by_frame(tmp_path / "m.tif", a, how)
+    with TiffStack(tmp_path / "m.tif") as s:
+        assert s.shape == (10, 12, 9) and s.dtype == np.uint16
+        np.testing.assert_array_equal(s.read(), a)
+        np.testing.assert_array_equal(s.read(2, 7), a[2:7])
+        np.testing.assert_array_equal(s[-1], a[-1])
+
+
+@pytest.mark.parametrize("extra,layout", [
+    (np.zeros((3, 3), np.uint16), "series 0-9: shape (12, 9) YX uint16; series 10: shape (3, 3) YX uint16"),
+    (np.zeros((12, 9), np.float32), "series 0-9: shape (12, 9) YX uint16; series 10: shape (12, 9) YX float32"),
+    (np.zeros((8, 8, 3), np.uint8), "series 0-9: shape (12, 9) YX uint16; series 10: shape (8, 8, 3) YXS uint8"),
+])
+def test_series_of_different_frames_are_refused_naming_the_layout(tmp_path, extra, layout):
+    _write_frame_by_frame(tmp_path / "m.tif", _frames(), "append")
+    tifffile.imwrite(tmp_path / "m.tif", extra, append=True, photometric="rgb" if extra.ndim == 3 else None)
+    with pytest.raises(InputDataError, match="m.tif holds 11 shaped series") as err:
+        TiffStack(tmp_path / "m.tif")
+    assert f"({layout})" in str(err.value)
+
+
+@pytest.mark.parametrize("cut", [1, 100, 215])
+def test_truncated_movie_saved_frame_by_frame(tmp_path, cut):
+    """The last frame's data (216 bytes, at the end of the file) cut short: its page is still listed."""
+    _write_frame_by_frame(tmp_path / "m.tif", _frames(), "append")
+    data = (tmp_path / "m.tif").read_bytes()
+    (tmp_path / "t.tif").write_bytes(data[:-cut])
+    with pytest.raises(InputDataError, match="t.tif.*(truncated|corrupt)"):
+        TiffStack(tmp_path / "t.tif").read()
+
+
+@pytest.mark.parametrize("window", [3, 5, 7])
+def test_skipped_frames_end_the_windows_like_the_ends_of_the_stack(window):
+    """Each window shows only frames of its own run between skipped frames, clamped to that run: the
+    window a frame would have in a stack holding just that run."""
+    skip = torch.zeros(12, dtype=torch.bool)
+    skip[[0, 4, 5, 9]] = True
+    runs = [(1, 3), (6, 8), (10, 11)]  # first, last frame of each run of frames kept
+    half = window // 2
+    for first, last in runs:
+        for i in range(first, last + 1):
+            expected = [min(max(j, first), last) for j in range(i - half, i + half + 1)]
+            got = window_indices(torch.tensor([i]), 12, window, skip_T=skip)[0].tolist()
+            assert got == expected, (i, got, expected)
+    # the same with a block of frames 3 .. 11 (``first``): the indices stay the stack's
+    got = window_indices(torch.tensor([6, 7]), 12, window, skip_T=skip[3:], first=3)
+    assert got.tolist() == window_indices(torch.tensor([6, 7]), 12, window, skip_T=skip).tolist()
+
+
 def _expected_window(frames, i, window):
     half = window // 2
     return np.stack([frames[min(max(j, 0), len(frames) - 1)] for j in range(i - half, i + half + 1)])

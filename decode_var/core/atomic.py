@@ -2,7 +2,9 @@
 
 The content is written to a temporary file in the target's folder (same file system, so the final
 ``os.replace`` is an atomic rename), flushed to disk with fsync, then renamed over the target. On error
-the temporary file is removed and the old target, if any, is left untouched.
+the temporary file is removed and the old target, if any, is left untouched; a failure of the file system
+(a full disk, a read-only folder) is raised as :class:`~decode_var.core.errors.OutputError` naming the file
+and the reason, e.g. "could not write em.h5: No space left on device".
 
 A process killed during a write (SIGKILL, power loss) leaves its temporary file
 (``.<stem>.<random>.tmp<suffix>``, hidden) next to the intact target; readers never look at it and
@@ -17,6 +19,8 @@ import secrets
 import time
 from typing import Callable, Union
 
+from decode_var.core.outputs import write_failed
+
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "temporaries",
            "remove_stale_temporaries"]
 
@@ -27,8 +31,18 @@ def atomic_write(path: Union[str, os.PathLike], writer_fn: Callable[[pathlib.Pat
     ``writer_fn`` receives a path (not an open file) so that libraries that open files themselves
     (h5py, torch.save, tifffile) can be used. The temporary name keeps the target's suffix, because
     some writers (DECODE's ``EmitterSet.save``) choose the format by it. Returns ``path`` as a Path.
+
+    Raises:
+        OutputError: (an ``OSError``) the write failed in the file system; ``path`` is as it was.
     """
     path = pathlib.Path(path)
+    try:
+        return _atomic_write(path, writer_fn)
+    except OSError as err:
+        raise write_failed(path, err) from err
+
+
+def _atomic_write(path: pathlib.Path, writer_fn: Callable[[pathlib.Path], None]) -> pathlib.Path:
     folder = path.parent if str(path.parent) else pathlib.Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     keep_mode = path.stat().st_mode & 0o777 if path.exists() else None
@@ -71,7 +85,12 @@ def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> pathlib.Path:
     """``torch.save(obj, path)`` atomically (a crash mid-save leaves the previous checkpoint intact)."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # through a Python file: a full disk is then an OSError (ENOSPC), not torch's "unexpected pos"
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
 
 
 def temporaries(path: Union[str, os.PathLike]) -> list[pathlib.Path]:

@@ -3,8 +3,49 @@ from __future__ import annotations
 
 import torch
 
-from decode_var.core.errors import ParamError
+from decode_var.core.errors import DeviceError, ParamError
 from decode_var.core.log import warn
+
+#: The device names the command lines accept, as their messages spell them.
+DEVICE_NAMES = "cpu, cuda, cuda:N, mps"
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine: cpu, then cuda:0 .. cuda:N-1, then mps."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def parse_device(name, flag: str = "-i/--device") -> torch.device:
+    """The torch device ``name`` spells; a name that is not cpu, cuda, cuda:N or mps is a :class:`DeviceError`."""
+    try:
+        dev = torch.device(str(name).strip())
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unknown device {str(name)!r} for {flag} (use {DEVICE_NAMES}).")
+    return dev
+
+
+def check_device(name, flag: str = "-i/--device") -> torch.device:
+    """The torch device ``name`` (from a command line), checked before any model or frame is loaded.
+
+    Raises:
+        DeviceError: an unknown name, or a device this machine does not have; the message names the
+            devices that are available.
+    """
+    dev = parse_device(name, flag)
+    have = ", ".join(available_devices())
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise DeviceError(f"device {str(name)!r} is not available: {why} (available: {have}).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {str(name)!r} is not available: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s) (available: {have}).")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(name)!r} is not available: MPS needs an Apple GPU (available: {have}).")
+    return dev
 
 
 def resolve_device(name, key: str = "Hardware.device_simulation") -> torch.device:

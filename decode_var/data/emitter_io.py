@@ -11,6 +11,12 @@ Files written here load with DECODE's ``decode.utils.emitter_io.load_h5 / load_c
   bg, phot_cr, bg_cr, phot_sig, bg_sig, x_cr, y_cr, z_cr, x_sig, y_sig, z_sig.
 - **pt**: ``torch.save({'data': {...}, 'meta': {'xy_unit', 'px_size'}, 'decode': {'version'}})``.
 
+**The data behind the emitters** (``source``: the frames file, frames read, frame shape, frames fitted,
+excluded by kind, localizations dropped; see :meth:`decode_var.inference.stack.StackReport.meta`) is
+stored with DECODE's own metadata, which DECODE's ``EmitterSet.load`` ignores (extra keys in ``meta``
+would reach its constructor): attrs of the h5 group ``decode``, the csv's decode json line, the pt's
+``decode`` dict. :func:`load_source_meta` reads it back (``{}`` for files without it).
+
 Unset fields are written as DECODE's EmitterSet fills them: prob 1, id -1 (ours keeps its ids), bg,
 CRLBs and sigmas nan.
 
@@ -34,8 +40,9 @@ import torch
 from decode_var.core.atomic import atomic_write
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import DecodeVarError, InputDataError
+from decode_var.core.version import __version__
 
-__all__ = ["save_emitters", "load_emitters", "SUFFIXES"]
+__all__ = ["save_emitters", "load_emitters", "load_source_meta", "SUFFIXES"]
 
 SUFFIXES = (".csv", ".h5", ".hdf5", ".pt")
 _REQUIRED = ("frame_ix", "x", "y", "phot")
@@ -46,8 +53,6 @@ _INT_COLUMNS = ("frame_ix", "id")
 
 
 def _version() -> str:
-    from decode_var import __version__
-
     return f"decode-var-{__version__}"
 
 
@@ -83,8 +88,11 @@ def _meta(em: EmitterSet) -> dict:
 
 
 # saving -------------------------------------------------------------------------------------------
-def save_emitters(path: Union[str, pathlib.Path], em: EmitterSet) -> pathlib.Path:
-    """Write ``em`` to ``path`` (.csv, .h5/.hdf5 or .pt, chosen by the suffix) atomically."""
+def save_emitters(path: Union[str, pathlib.Path], em: EmitterSet, source: Optional[dict] = None) -> pathlib.Path:
+    """Write ``em`` to ``path`` (.csv, .h5/.hdf5 or .pt, chosen by the suffix) atomically.
+
+    ``source``: what the emitters come from (str, int, or lists of int / str values), stored next to the
+    decode version (see the module's docstring)."""
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     writers = {".csv": _write_csv, ".h5": _write_h5, ".hdf5": _write_h5, ".pt": _write_pt}
@@ -92,10 +100,11 @@ def save_emitters(path: Union[str, pathlib.Path], em: EmitterSet) -> pathlib.Pat
         raise InputDataError(f"Cannot save emitters to {path}: unknown suffix {path.suffix!r}. "
                              f"Use one of {', '.join(SUFFIXES)}.")
     data, meta = _filled(em), _meta(em)
-    return atomic_write(path, lambda tmp: writers[suffix](tmp, data, meta))
+    decode_meta = {**(source or {}), "version": _version()}
+    return atomic_write(path, lambda tmp: writers[suffix](tmp, data, meta, decode_meta))
 
 
-def _write_h5(tmp: pathlib.Path, data: dict, meta: dict) -> None:
+def _write_h5(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> None:
     import h5py
 
     with h5py.File(tmp, "w") as f:
@@ -104,7 +113,10 @@ def _write_h5(tmp: pathlib.Path, data: dict, meta: dict) -> None:
         # DECODE refuses to write px_size None to hdf5; leaving the attribute out loads as None instead
         if meta["px_size"] is not None:
             m.attrs["px_size"] = np.asarray(meta["px_size"], dtype=np.float32)
-        f.create_group("decode").attrs["version"] = _version()
+        d = f.create_group("decode")
+        for key, value in decode_meta.items():
+            d.attrs[key] = np.asarray(value, dtype=np.int64) if isinstance(value, list) and \
+                all(isinstance(v, int) for v in value) else value
         g = f.create_group("data")
         for key in ("xyz", "xyz_sig", "xyz_cr", "phot", "phot_cr", "phot_sig", "frame_ix", "id", "prob", "bg",
                     "bg_cr", "bg_sig"):
@@ -115,10 +127,9 @@ def _write_h5(tmp: pathlib.Path, data: dict, meta: dict) -> None:
                 g.create_dataset(key, data=value.numpy())
 
 
-def _write_pt(tmp: pathlib.Path, data: dict, meta: dict) -> None:
+def _write_pt(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> None:
     px = None if meta["px_size"] is None else torch.tensor(meta["px_size"], dtype=torch.float32)
-    torch.save({"data": data, "meta": {"xy_unit": meta["xy_unit"], "px_size": px},
-                "decode": {"version": _version()}}, tmp)
+    torch.save({"data": data, "meta": {"xy_unit": meta["xy_unit"], "px_size": px}, "decode": decode_meta}, tmp)
 
 
 def _csv_columns(data: dict) -> dict:
@@ -132,7 +143,7 @@ def _csv_columns(data: dict) -> dict:
     return cols
 
 
-def _write_csv(tmp: pathlib.Path, data: dict, meta: dict) -> None:
+def _write_csv(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> None:
     cols = _csv_columns(data)
     table = np.stack([cols[c].double().numpy() for c in _CSV_COLUMNS], 1) if len(data["xyz"]) else \
         np.zeros((0, len(_CSV_COLUMNS)))
@@ -140,7 +151,7 @@ def _write_csv(tmp: pathlib.Path, data: dict, meta: dict) -> None:
     fmt = ["%d" if c in _INT_COLUMNS else "%.9g" for c in _CSV_COLUMNS]
     with open(tmp, "w", newline="") as f:
         f.write("# DECODE EmitterSet\n")
-        f.write(f"# {json.dumps({'version': _version()})}\n")
+        f.write(f"# {json.dumps(decode_meta)}\n")
         f.write(f"# {json.dumps(meta)}\n")
         f.write(",".join(_CSV_COLUMNS) + "\n")
         np.savetxt(f, table, fmt=fmt, delimiter=",")
@@ -176,6 +187,31 @@ def load_emitters(path: Union[str, pathlib.Path], xy_unit: Optional[str] = None,
         if str(path) in str(err):
             raise
         raise InputDataError(f"Emitter file {path}: {err}") from err
+
+
+def load_source_meta(path: Union[str, pathlib.Path]) -> dict:
+    """What :func:`save_emitters` stored as ``source`` (e.g. ``n_frames``, ``frame_shape``), as plain
+    Python values; ``{}`` for a file without it (older files, DECODE's own)."""
+    path = pathlib.Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            meta = dict(f["decode"].attrs) if "decode" in f else {}
+    elif suffix == ".pt":
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("decode") or {}
+    elif suffix == ".csv":
+        with open(path) as f:
+            lines = [f.readline() for _ in range(3)]
+        meta = {}
+        if lines[0].startswith("# DECODE EmitterSet") and lines[1].startswith("# {"):
+            meta = json.loads(lines[1][1:])
+    else:
+        raise InputDataError(f"Cannot read emitters from {path}: unknown suffix {path.suffix!r}.")
+    meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v.item() if isinstance(v, np.generic) else v)
+            for k, v in meta.items() if k != "version"}
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in meta.items()}
 
 
 def _build(path, data: dict, meta: dict, xy_unit, px_size) -> EmitterSet:

@@ -2,8 +2,11 @@
 
 :class:`TiffStack` opens a (multi-page, possibly larger than memory) TIFF without reading its pixels:
 contiguous uncompressed data (what tifffile and ImageJ write by default) is memory-mapped; other files
-are read page by page. ``read(start, stop)`` returns float32 frames ``(T, H, W)`` indexed like DECODE's
-frames (``[frame, x, y]`` = ``[page, row, column]``, no transposition, as DECODE's ``load_tif``).
+are read page by page. A movie saved frame by frame (one TIFF series per frame or per appended block)
+is read whole: every page is a frame; a file whose series are not all 2D frames of one size and pixel
+type is refused, naming its layout. ``read(start, stop)`` returns float32 frames ``(T, H, W)`` indexed
+like DECODE's frames (``[frame, x, y]`` = ``[page, row, column]``, no transposition, as DECODE's
+``load_tif``).
 
 :func:`window_batches` yields batches of ``frame_window`` consecutive frames around each frame. At the
 stack ends the window is padded by repeating the first / last frame: DECODE's ``InferenceDataset`` uses
@@ -44,12 +47,11 @@ class TiffStack:
 
     Raises:
         InputDataError: missing or unreadable file, truncated or corrupt data, frames that are not 2D
-            grayscale (e.g. RGB or several channels), or a stack without frames.
+            grayscale (e.g. RGB or several channels), series of different frame sizes or pixel types, or
+            a stack without frames.
     """
 
     def __init__(self, path: Union[str, os.PathLike]):
-        import tifffile
-
         self.path = pathlib.Path(path)
         if not self.path.exists():
             raise InputDataError(f"Frame file {self.path} does not exist.")
@@ -58,32 +60,47 @@ class TiffStack:
         if self.path.stat().st_size == 0:
             raise InputDataError(f"Frame file {self.path} is empty (0 bytes).")
 
+        self._tif, series = self._open()
+        self._mm, self._offset, self._pages = None, None, None
+        if len(series) > 1:
+            self._init_pages(series)
+        else:
+            self._init_series(series[0])
+
+    def _open(self):
+        """(TiffFile, its series), with tifffile's logged errors turned into :class:`InputDataError`."""
+        import tifffile
+
         capture = _LogCapture()
         logger = logging.getLogger("tifffile")
         logger.addHandler(capture)
+        tif = None
         try:
             try:
-                self._tif = tifffile.TiffFile(str(self.path))
-                series = self._tif.series[0] if self._tif.series else None
-                n_pages = len(self._tif.pages)
+                tif = tifffile.TiffFile(str(self.path))
+                series = list(tif.series)
+                n_pages = len(tif.pages)
             except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, ...
+                if tif is not None:
+                    tif.close()
                 raise InputDataError(f"Frame file {self.path} is not a readable TIFF ({type(err).__name__}: "
                                      f"{err}). Is it corrupt or truncated?") from err
         finally:
             logger.removeHandler(capture)
         if capture.messages:
-            self.close()
+            tif.close()
             raise InputDataError(f"Frame file {self.path} is corrupt or truncated: tifffile reports "
                                  f"'{capture.messages[0]}'.")
-        if series is None or n_pages == 0:
-            self.close()
+        if not series or n_pages == 0:
+            tif.close()
             raise InputDataError(f"Frame file {self.path} contains no images.")
+        return tif, series
 
-        self._series = series
+    def _init_series(self, series) -> None:
+        """One series: memory-mapped when contiguous and uncompressed, else read page by page."""
         shape, axes = tuple(series.shape), str(series.axes)
         self._shape = self._frame_shape(shape, axes)
         self.dtype = np.dtype(series.dtype)
-        self._mm = None
         offset = series.dataoffset
         if offset is not None:  # tifffile sets it only for contiguous, uncompressed data
             need = offset + int(np.prod(shape)) * self.dtype.itemsize
@@ -94,12 +111,42 @@ class TiffStack:
                 raise InputDataError(f"Frame file {self.path} is truncated: {self._shape[0]} frames need "
                                      f"{need} bytes, the file has {size} ({full} complete frames).")
             self._offset = offset
-        else:
-            self._offset = None
-            if len(series.pages) != self._shape[0]:
+        elif len(series.pages) != self._shape[0]:
+            self.close()
+            raise InputDataError(f"Frame file {self.path} is inconsistent: metadata says {self._shape[0]} "
+                                 f"frames, found {len(series.pages)} pages. Is it truncated?")
+
+    def _init_pages(self, series) -> None:
+        """Several series, as a movie saved frame by frame gives (``tifffile.imwrite(..., append=True)``, or
+        ``TiffWriter.write(..., contiguous=False)`` per frame: one series each): their pages, in file
+        order, are the stack when every series is a stack of 2D grayscale frames of one size and pixel
+        type; anything else (an OME file of several images, a thumbnail, mixed sizes) is refused naming
+        the layout. Read page by page."""
+        kinds = {str(getattr(s, "kind", "")) for s in series}
+        shapes = set()
+        for s in series:
+            try:
+                t, h, w = self._frame_shape(tuple(s.shape), str(s.axes))
+            except InputDataError:
+                t, h, w = -1, tuple(s.shape), str(s.axes)
+            shapes.add((h, w, np.dtype(s.dtype).str, t == len(s.pages)))
+        if "ome" in kinds or len(shapes) != 1 or not next(iter(shapes))[3]:
+            self.close()
+            raise InputDataError(f"Frame file {self.path} holds {_layout(series)}: not one stack of 2D frames of "
+                                 "one size and pixel type. Save one movie of grayscale frames per file (e.g. "
+                                 "one field of view / channel), or export the frames as a single stack.")
+        self._pages = [page for s in series for page in s.pages]
+        h, w, _, _ = shapes.pop()
+        self._shape = (len(self._pages), int(h), int(w))
+        self.dtype = np.dtype(series[0].dtype)
+        size = self.path.stat().st_size
+        for i, page in enumerate(self._pages):
+            end = max((o + n for o, n in zip(page.dataoffsets, page.databytecounts)), default=size + 1)
+            if end > size or not page.databytecounts or min(page.databytecounts) == 0:
+                n = len(self._pages)
                 self.close()
-                raise InputDataError(f"Frame file {self.path} is inconsistent: metadata says {self._shape[0]} "
-                                     f"frames, found {len(series.pages)} pages. Is it truncated?")
+                raise InputDataError(f"Frame file {self.path} is truncated: the data of frame {i} (of {n}) "
+                                     f"ends at byte {end}, the file has {size}.")
 
     @staticmethod
     def _frame_shape(shape, axes) -> Tuple[int, int, int]:
@@ -143,7 +190,10 @@ class TiffStack:
         if self._offset is not None:
             return np.array(self._memmap()[start:stop], dtype=np.float32)
         try:
-            frames = self._tif.asarray(key=range(start, stop), series=0)
+            if self._pages is not None:
+                frames = np.stack([self._pages[i].asarray() for i in range(start, stop)])
+            else:
+                frames = self._tif.asarray(key=range(start, stop), series=0)
         except Exception as err:
             raise InputDataError(f"Frame file {self.path}: frames {start}..{stop - 1} cannot be read "
                                  f"({type(err).__name__}: {err}). Is the file corrupt or truncated?") from err
@@ -161,7 +211,7 @@ class TiffStack:
         return self.read(i, i + 1)[0]
 
     def close(self) -> None:
-        self._mm = None
+        self._mm, self._pages = None, None
         tif = getattr(self, "_tif", None)
         if tif is not None:
             tif.close()
@@ -180,13 +230,43 @@ class TiffStack:
             pass
 
 
-def window_indices(frame_ix: torch.Tensor, n_frames: int, frame_window: int = 3) -> torch.Tensor:
-    """(B, frame_window) frame indices of the windows centred on ``frame_ix``, clamped to the stack."""
+def _layout(series) -> str:
+    """'N series (series 0-3: shape (6, 7) YX uint16; series 4: ...)': runs of alike series, the first six."""
+    runs = []
+    for i, s in enumerate(series):
+        key = f"shape {tuple(s.shape)} {s.axes} {np.dtype(s.dtype).name}"
+        if runs and runs[-1][2] == key:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i, key])
+    parts = [f"series {a}{f'-{b}' if b > a else ''}: {key}" for a, b, key in runs[:6]]
+    kind = str(getattr(series[0], "kind", "")) or "tiff"
+    return f"{len(series)} {kind} series ({'; '.join(parts)}{'; ...' if len(runs) > 6 else ''})"
+
+
+def window_indices(frame_ix: torch.Tensor, n_frames: int, frame_window: int = 3,
+                   skip_T: Optional[torch.Tensor] = None, first: int = 0) -> torch.Tensor:
+    """(B, frame_window) frame indices of the windows centred on ``frame_ix`` (B,), clamped to the stack.
+
+    ``skip_T``: (T,) bool over the stack's frames ``first .. first + T - 1`` (all frames the windows
+    reach): frames to leave out of their neighbours' windows (constant, saturated, ...). A skipped frame
+    acts as an end of the stack: a channel that would show it, or a frame beyond it, repeats the channel
+    next to it towards the centre, so the window of a frame next to a skipped one is the window that
+    frame has at the end of a stack (DECODE's padding).
+    """
     if frame_window < 1 or frame_window % 2 != 1:
         raise ValueError(f"frame_window must be an odd number >= 1, got {frame_window}.")
     half = (frame_window - 1) // 2
     offsets = torch.arange(-half, half + 1)
-    return (frame_ix[:, None] + offsets[None, :]).clamp(0, n_frames - 1)
+    ix = (frame_ix[:, None] + offsets[None, :]).clamp(0, n_frames - 1)
+    if skip_T is None:
+        return ix
+    for step in (1, -1):  # outwards from the centre, after then before it
+        blocked = torch.zeros(ix.size(0), dtype=torch.bool)
+        for c in range(half + step, half + step * (half + 1), step):
+            blocked |= skip_T[ix[:, c] - first]
+            ix[:, c] = torch.where(blocked, ix[:, c - step], ix[:, c])
+    return ix
 
 
 def window_batches(stack, batch_size: int, frame_window: int = 3, start: int = 0,

@@ -20,6 +20,7 @@ from decode_var.core.errors import InputDataError, ShapeError
 from decode_var.core.scales import Scale, ScaleSchedule
 from decode_var.data.simulation import Camera, FrameScale
 from decode_var.data.targets import TargetRescale
+from decode_var.evaluation.model_card import check_camera
 from decode_var.core.log import warn
 
 
@@ -54,6 +55,7 @@ class Predictor:
         self.backend = get_backend(param.VAR.backend)
         self.model = build_model(param)
         load_model_weights(self.model, model_path, trusted=trusted)
+        self.card = check_camera(param, model_path)  # warns where the camera is not the training one (issue 27)
         self.model.to(self.device).eval()
         self.schedule = ScaleSchedule.parse(param)
         self.frame_scale = FrameScale.parse(param)
@@ -170,7 +172,15 @@ class Predictor:
 
     def emitters(self, out_phys: torch.Tensor, first_frame: int = 0,
                  frame_hw: Optional[Sequence[int]] = None) -> EmitterSet:
-        """Post-process physical maps of frames of ``frame_hw`` px (default: the map's grid / factor)."""
+        """Post-process physical maps of frames of ``frame_hw`` px (default: the map's grid / factor);
+        localizations outside the frame or the trained z range are dropped (:meth:`localize` counts them)."""
+        return self.localize(out_phys, first_frame, frame_hw)[0]
+
+    def localize(self, out_phys: torch.Tensor, first_frame: int = 0,
+                 frame_hw: Optional[Sequence[int]] = None) -> tuple[EmitterSet, dict]:
+        """(emitters, dropped): post-processed physical maps (N, 6, sx, sy) of frames of ``frame_hw`` px,
+        frame_ix counted from ``first_frame``; ``dropped`` counts what was left out:
+        ``{'outside_frame': n, 'outside_z': m}`` (see :meth:`inside`)."""
         if frame_hw is None:
             f = self.schedule.finest.factor
             frame_hw = tuple(int(round(s / f)) for s in out_phys.shape[-2:])
@@ -179,17 +189,27 @@ class Predictor:
             raise InputDataError("PostProcessing is empty in the param file: no emitters can be fitted. "
                                  "Set PostProcessing: SpatialIntegration (or LookUp).")
         em = post.forward(out_phys)
-        grid, net_hw = self.output_grid(frame_hw)
-        if net_hw != tuple(frame_hw) and len(em):
-            # padded border: keep what lies inside the frame's field of view
-            ext = [self.schedule.xextent, self.schedule.yextent]
-            width = [(e[1] - e[0]) / s for e, s in zip(ext, self.schedule.input_shape)]
-            hi = [e[0] + w * s for e, w, s in zip(ext, width, frame_hw)]
-            xyz = em.xyz_px if hasattr(em, "xyz_px") else em.xyz
-            em = em[(xyz[:, 0] < hi[0]) & (xyz[:, 1] < hi[1])]
+        in_frame, in_z = self.inside(em, frame_hw)
+        dropped = {"outside_frame": int((~in_frame).sum()), "outside_z": int((in_frame & ~in_z).sum())}
+        em = em[in_frame & in_z]
         if first_frame:
             em.frame_ix = em.frame_ix + first_frame
-        return em
+        return em, dropped
+
+    def inside(self, em: EmitterSet, frame_hw: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in_frame (E,), in_z (E,)) bool: x, y within the frame's field of view, ``[x0, x0 + H * w)`` and
+        ``[y0, y0 + W * w)`` px (x0, y0, w: the training pixel origin and width, ``Simulation.psf_extent``;
+        by default ``[-0.5, H - 0.5)``), and z within the trained range ``Simulation.emitter_extent`` z
+        (nm, bounds included, no margin: the model never saw an emitter beyond it). NaN is outside."""
+        ext = [self.schedule.xextent, self.schedule.yextent]
+        width = [(e[1] - e[0]) / s for e, s in zip(ext, self.schedule.input_shape)]
+        xyz = em.xyz_px
+        in_frame = torch.ones(len(em), dtype=torch.bool, device=xyz.device)
+        for axis, (e, w, n) in enumerate(zip(ext, width, frame_hw)):
+            in_frame &= (xyz[:, axis] >= e[0]) & (xyz[:, axis] < e[0] + w * int(n))
+        z_lo, z_hi = self.param.Simulation.emitter_extent[2]
+        in_z = (xyz[:, 2] >= z_lo) & (xyz[:, 2] <= z_hi)
+        return in_frame, in_z
 
     def predict(self, frames_NCHW_photons: torch.Tensor, first_frame: int = 0, batch_size: int = 64) -> EmitterSet:
         hw = tuple(frames_NCHW_photons.shape[-2:])

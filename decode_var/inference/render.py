@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from decode_var.core.atomic import atomic_write
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
+from decode_var.core.log import warn
 
 __all__ = ["Render", "render", "save_render", "MAX_RENDER_PX"]
 
@@ -77,10 +79,22 @@ def _lateral_precision_nm(em: EmitterSet, camera_px_nm: np.ndarray) -> Optional[
     return None
 
 
+def _finite_rows(em: EmitterSet, camera_px_nm: np.ndarray) -> tuple[EmitterSet, np.ndarray]:
+    """(the localizations with finite x, y, z, their (E, 3) x, y in px and z in nm); the others are skipped
+    with a warning giving their count (a render has no place for them)."""
+    xyz = EmitterSet(em.xyz, em.phot, em.frame_ix, xy_unit=em.xy_unit, px_size=camera_px_nm).xyz_px.double().numpy()
+    ok = np.isfinite(xyz).all(1)
+    if not ok.all():
+        warn(f"render: {int((~ok).sum())} of {len(em)} localizations with a non-finite x, y or z skipped.")
+        em, xyz = em[torch.from_numpy(ok)], xyz[ok]
+    return em, xyz
+
+
 def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_px_nm=None, px_nm: float = 10.0,
            mode: str = "gaussian", sigma_nm: Optional[float] = None, color_z: Optional[bool] = None,
            z_range: Optional[Sequence[float]] = None, chunk: int = 1_000_000) -> Render:
-    """Render ``em`` on the camera field of view.
+    """Render ``em`` on the camera field of view; localizations with a non-finite x, y or z are skipped (counted
+    in a warning).
 
     Args:
         frame_shape: (size_x, size_y) px of the camera frames; default: the localizations' extent.
@@ -100,7 +114,7 @@ def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_p
     if size is None:
         raise InputDataError("The emitters have no camera pixel size: pass --camera-px NM NM (or -p param_run.yaml).")
     camera_px_nm = np.broadcast_to(np.asarray(np.asarray(size, dtype=np.float64).reshape(-1)), (2,)).astype(np.float64)
-    xyz = EmitterSet(em.xyz, em.phot, em.frame_ix, xy_unit=em.xy_unit, px_size=camera_px_nm).xyz_px.double().numpy()
+    em, xyz = _finite_rows(em, camera_px_nm)
     if frame_shape is None:
         frame_shape = [int(math.ceil(v + 0.5)) for v in (xyz[:, :2].max(0) if len(em) else (0.5, 0.5))]
     shape_HW = tuple(max(1, int(math.ceil(frame_shape[i] * camera_px_nm[i] / px_nm))) for i in range(2))

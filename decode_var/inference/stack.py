@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from decode_var.core.errors import InputDataError
@@ -23,8 +24,6 @@ FRAME_KINDS = {"u": "unsigned integer", "i": "signed integer", "f": "float"}
 def check_stack_dtype(dtype, path) -> None:
     """Camera frames are integers or floats; bool, complex or other pixel types are refused (reading them
     as float32 would silently turn a mask into 0/1 or drop the imaginary part)."""
-    import numpy as np
-
     dtype = np.dtype(dtype)
     if dtype.kind not in FRAME_KINDS:
         raise InputDataError(f"Frame file {path} has pixels of type {dtype} ({_kind_name(dtype)}); camera frames "
@@ -37,41 +36,163 @@ def _kind_name(dtype) -> str:
             "M": "date", "m": "time delta"}.get(dtype.kind, dtype.kind)
 
 
-class _StackReport:
-    """Constant frames and frames with a negative median, summarised once at the end (not per batch).
-    Keeps counts and the first 10 indices only: stacks can have millions of frames."""
+#: A frame is saturated when at least this share of its pixels is at the maximum of the stack's integer
+#: pixel type (65535 for uint16). A bright bead saturates a few pixels; a flash or a burst most of them.
+SATURATED_SHARE = 0.25
+#: A frame whose median, in photons after the camera conversion, is below this is below the camera
+#: baseline: the background of a real frame is >= 0 photons; the 1-photon margin keeps frames whose
+#: background is near 0 (offset-corrected, read noise) in.
+BELOW_BASELINE_PHOTONS = -1.0
+#: Above this share of a stack's pixels at negative photons the data does not fit the camera keys: a warning.
+BELOW_BASELINE_SHARE = 0.5
+#: Kinds of impossible frames, in the order a frame is named by (a frame all at 65535 is "saturated").
+EXCLUDED_KINDS = ("saturated", "constant", "below_baseline")
+_LABELS = {"saturated": "saturated", "constant": "constant images", "below_baseline": "below the camera baseline"}
 
-    def __init__(self):
-        self.n = self.n_constant = self.n_negative = 0
-        self.constant, self.negative = [], []
 
-    def add(self, frames_THW: torch.Tensor, first: int) -> None:
-        """Frames ``first .. first + T - 1`` of the stack, (T, H, W)."""
-        centre = frames_THW.flatten(1)
-        finite = torch.where(torch.isfinite(centre), centre, torch.zeros(()))
-        const = torch.nonzero(finite.amax(1) == finite.amin(1)).flatten() + first
-        neg = torch.nonzero(finite.median(1).values < 0).flatten() + first
-        self.n += centre.size(0)
-        self.n_constant += len(const)
-        self.n_negative += len(neg)
-        self.constant = (self.constant + const.tolist())[:10]
-        self.negative = (self.negative + neg.tolist())[:10]
+def saturation_level(dtype) -> Optional[float]:
+    """The saturated pixel value of an integer pixel type (its maximum), None for floats (no known maximum)."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # a torch dtype
+        return None
+    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
 
-    def finish(self, path) -> None:
-        if self.n and self.n_constant == self.n:
-            raise InputDataError(f"every frame of {path} is constant (all pixels equal): there is nothing to fit. "
-                                 "Check the export (blank, saturated or wrong channel?).")
-        if self.n_constant:
-            warn(f"{self.n_constant} of {self.n} frames are constant images (e.g. frames {self.constant}); "
-                  "they hold no emitters.")
-        if self.n_negative:
-            warn(f"{self.n_negative} frames have a negative median (e.g. {self.negative}): frames in photons "
-                  "should have a background >= 0. Check Camera.convert2photons and the camera baseline.")
+
+def frame_kinds(raw_THW: torch.Tensor, photons_THW: torch.Tensor, saturation: Optional[float]) -> torch.Tensor:
+    """(T,) int8 per frame: -1 for a frame to fit, else the index in :data:`EXCLUDED_KINDS` of why it is
+    impossible: saturated (:data:`SATURATED_SHARE` of the pixels >= ``saturation``, raw units), constant
+    (all pixels equal), below the baseline (median < :data:`BELOW_BASELINE_PHOTONS`, photons).
+
+    Args:
+        raw_THW: (T, H, W) frames as read (ADU when ``Camera.convert2photons``), finite.
+        photons_THW: (T, H, W) the same frames in photons.
+        saturation: the pixel type's saturated value (:func:`saturation_level`), None for none.
+    """
+    flat = raw_THW.flatten(1)
+    below = photons_THW.flatten(1).median(1).values < BELOW_BASELINE_PHOTONS
+    constant = flat.amax(1) == flat.amin(1)
+    saturated = torch.zeros_like(constant)
+    if saturation is not None:
+        saturated = (flat >= saturation).float().mean(1) >= SATURATED_SHARE
+    kind_T = torch.full((flat.size(0),), -1, dtype=torch.int8)
+    for k in reversed(range(len(EXCLUDED_KINDS))):  # the first kind that applies names the frame
+        kind_T[(saturated, constant, below)[k]] = k
+    return kind_T
+
+
+class StackReport:
+    """What a fit read, left out and dropped, summarised once at the end (not per batch): the frames
+    (count, size), the frames excluded as impossible by kind (all their indices: few in real data), the
+    share of pixels below the camera baseline, the localizations dropped outside the frame / z range.
+
+    Args:
+        n_frames, frame_hw: the stack's frame count and (H, W) px.
+        saturation: saturated pixel value (:func:`saturation_level` of the pixel type) or None.
+        camera: the param's ``Camera`` section (``convert2photons``, ``baseline``), for the messages.
+        path: the stack's file, for the messages and the output's metadata.
+    """
+
+    def __init__(self, n_frames: int, frame_hw, saturation: Optional[float], camera, path=None):
+        self.n_frames, self.frame_hw = int(n_frames), tuple(int(s) for s in frame_hw)
+        self.saturation, self.camera, self.path = saturation, camera, path
+        self.n_seen = self.n_pixels = self.n_negative_px = 0
+        self.excluded = {k: [] for k in EXCLUDED_KINDS}
+        self.dropped = {"outside_frame": 0, "outside_z": 0}
+        self._medians = []  # (T,) raw median per frame, per block
+
+    @classmethod
+    def for_stack(cls, pred, stack) -> "StackReport":
+        return cls(len(stack), stack.shape[1:], saturation_level(getattr(stack, "dtype", None)), pred.param.Camera,
+                   getattr(stack, "path", None))
+
+    def add(self, kind_T: torch.Tensor, raw_THW: torch.Tensor, photons_THW: torch.Tensor, first: int) -> None:
+        """Frames ``first .. first + T - 1`` of the stack: their kinds (:func:`frame_kinds`), (T, H, W) raw
+        and photons."""
+        self.n_seen += kind_T.numel()
+        self.n_pixels += photons_THW.numel()
+        self.n_negative_px += int((photons_THW < 0).sum())
+        self._medians.append(raw_THW.flatten(1).median(1).values)
+        for k, name in enumerate(EXCLUDED_KINDS):
+            self.excluded[name] += (torch.nonzero(kind_T == k).flatten() + first).tolist()
+
+    def drop(self, dropped: dict) -> None:
+        for k, v in dropped.items():
+            self.dropped[k] += int(v)
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(len(v) for v in self.excluded.values())
+
+    def finish(self) -> None:
+        """Warnings naming the excluded frames and data far from the camera keys; an error when no frame is left."""
+        path = self.path or "the stack"
+        far = self._far_from_camera()
+        if self.n_seen and self.n_excluded == self.n_seen:
+            kinds = ", ".join(f"{len(v)} {k.replace('_', ' the ')}" for k, v in self.excluded.items() if v)
+            raise InputDataError(f"every frame of {path} is impossible ({kinds}): there is nothing to fit. Check "
+                                 "the export (blank, saturated or wrong channel?) and the Camera keys. "
+                                 f"{far or ''}".strip())
+        for k, frames in self.excluded.items():
+            if frames:
+                warn(f"{len(frames)} of {self.n_seen} frames are {_LABELS[k]} (e.g. frames "
+                     f"{_first_ten(frames)}){self._why(k)}; they hold no emitters: not fitted, and left out of "
+                     "their neighbours' windows.")
+        if far:
+            warn(far)
+
+    def _why(self, kind: str) -> str:
+        if kind == "saturated":
+            return f": at least {SATURATED_SHARE:.0%} of their pixels at {self.saturation:g}, the pixel type's maximum"
+        if kind == "constant":
+            return ""
+        unit = "after Camera.convert2photons" if self.camera.convert2photons else "(frames in photons)"
+        return f": their median is below {BELOW_BASELINE_PHOTONS:g} photon {unit}"
+
+    def _far_from_camera(self) -> Optional[str]:
+        """The warning for a stack whose pixels are mostly negative photons, with the numbers; None if not."""
+        share = self.n_negative_px / max(self.n_pixels, 1)
+        if share <= BELOW_BASELINE_SHARE:
+            return None
+        median = float(torch.cat(self._medians).median())
+        if self.camera.convert2photons:
+            return (f"{share:.0%} of the pixels of {self.path or 'the stack'} are below the camera baseline (negative "
+                    f"photons after the conversion): the frames' median is {median:g} ADU, Camera.baseline is "
+                    f"{self.camera.baseline:g} ADU. Set Camera.baseline to the camera's offset (the ADU of a dark "
+                    "frame), or Camera.convert2photons: false if the frames are offset-corrected or in photons.")
+        return (f"{share:.0%} of the pixels of {self.path or 'the stack'} are negative photons (median {median:g}); "
+                "Camera.convert2photons is false, so the frames should be photons (>= 0). If they are raw camera "
+                "counts (ADU), set Camera.convert2photons: true with the camera's baseline, e_per_adu and em_gain.")
+
+    def meta(self, dtype=None) -> dict:
+        """What the output file stores about the data (:func:`decode_var.data.emitter_io.save_emitters`)."""
+        meta = {"frames_file": str(self.path) if self.path is not None else "", "n_frames": self.n_frames,
+                "frame_shape": list(self.frame_hw), "n_frames_fitted": self.n_seen - self.n_excluded}
+        if dtype is not None:
+            meta["frame_dtype"] = str(np.dtype(dtype))
+        meta.update({f"excluded_{k}": list(v) for k, v in self.excluded.items()})
+        meta.update({f"dropped_{k}": v for k, v in self.dropped.items()})
+        return meta
+
+    def summary(self, n_emitters: int, out) -> str:
+        """One line for decode-var-fit: frames read and fitted, excluded by kind, emitters written, dropped."""
+        h, w = self.frame_hw
+        line = f"fitted {self.n_seen - self.n_excluded} of {self.n_frames} frames ({h} x {w} px)"
+        kinds = [f"{k.replace('_', ' the ')} {_first_ten(v)}" for k, v in self.excluded.items() if v]
+        if kinds:
+            line += f"; {self.n_excluded} excluded: {', '.join(kinds)}"
+        line += f"; wrote {n_emitters} emitters to {out}"
+        n_drop = sum(self.dropped.values())
+        if n_drop:
+            line += (f"; dropped {n_drop} localizations ({self.dropped['outside_frame']} outside the frame, "
+                     f"{self.dropped['outside_z']} outside the trained z range)")
+        return line
 
 
 def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
         progress=True, max_memory=None, compile=False):
-    """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them.
+    """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them, with
+    ``fit_report``: the run's :class:`StackReport` (``summary()`` is the line decode-var-fit prints).
 
     The frame size is taken from the stack (any size, square or not; the param is not edited).
     ``batch_size='auto'`` picks the windows per batch from the frame size and ``max_memory`` (bytes,
@@ -79,12 +200,17 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
 
     Input guards (before the model sees a frame): pixel type (integers or floats), NaN / Inf pixels
     (error, or ``mask_nonfinite``), negative raw counts when ``Camera.convert2photons`` (error);
-    constant frames and negative medians are reported at the end, a stack that is constant
-    throughout is an error. Non-finite model outputs are an error naming the frames.
+    impossible frames (saturated, constant, below the camera baseline: :func:`frame_kinds`) are not
+    fitted and left out of their neighbours' windows, named in a warning at the end; a stack without a
+    possible frame is an error; a stack mostly below the baseline is a warning with the numbers.
+    Localizations outside the frame or the trained z range are dropped and counted. Non-finite model
+    outputs are an error naming the frames. The output's metadata records the frames read, fitted and
+    excluded and the localizations dropped (:meth:`StackReport.meta`).
     """
     from decode_var.core.emitters import EmitterSet
     from decode_var.inference.predictor import Predictor, resolve_model_path
     from decode_var.config.param import load_param
+    from decode_var.data.emitter_io import save_emitters
     from decode_var.data.tiff import TiffStack
 
     out = Path(out)
@@ -99,10 +225,13 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     batch_size = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
     if compile:
         pred.compile(batch_size)
-    em = EmitterSet.cat(localize_stack(pred, stack, batch_size, mask_nonfinite, progress))
+    report = StackReport.for_stack(pred, stack)
+    em = EmitterSet.cat(localize_stack(pred, stack, batch_size, mask_nonfinite, progress, report=report))
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-    pred.backend.save_emitters(out, em)
+    # our writer for every backend: DECODE's formats, plus the record of the data in the decode meta
+    save_emitters(out, em, source=report.meta(stack.dtype))
+    em.fit_report = report
     return em
 
 
@@ -126,31 +255,31 @@ def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=No
 
 
 def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, progress: bool = False,
-                   prefetch: bool = True, timings: Optional[dict] = None):
-    """Yield one EmitterSet per batch of ``batch_size`` centre frames of ``stack`` (frame_ix in the stack).
+                   prefetch: bool = True, timings: Optional[dict] = None, report: Optional[StackReport] = None):
+    """Yield the EmitterSets of each batch of ``batch_size`` centre frames of ``stack`` (frame_ix in the stack).
 
     Each frame is read and converted once: a block of frames (the batch plus the window's halo) is read
     (the next block on a background thread while the model runs), checked, converted to photons and
     to network units as a (T, H, W) block, and only then expanded into (B, C, H, W) windows. At the
-    stack ends the windows repeat the first / last frame, as DECODE's ``Infer``.
+    stack ends the windows repeat the first / last frame, as DECODE's ``Infer``; impossible frames
+    (:func:`frame_kinds`) are not fitted and end their neighbours' windows the same way. Localizations
+    outside the frame or the trained z range are dropped (:meth:`Predictor.localize`).
 
     ``timings``: a dict that receives the seconds spent per stage (``wait_read``: waiting for the
     reading thread, ``convert``: guards and unit conversion, ``windows``, ``model``, ``post``).
+    ``report``: the :class:`StackReport` to fill (default: a new one); its warnings come at the end.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from decode_var.data.tiff import read_blocks, window_indices
+    from decode_var.data.tiff import read_blocks
 
-    n_total = len(stack)
-    hw = tuple(stack.shape[1:])
-    adu = bool(pred.param.Camera.convert2photons)
-    report = _StackReport()
+    report = report if report is not None else StackReport.for_stack(pred, stack)
     blocks = read_blocks(stack, batch_size, pred.channels_in)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_total, desc="fitting", unit="frame")
+        bar = tqdm(total=len(stack), desc="fitting", unit="frame")
     pool = ThreadPoolExecutor(1) if prefetch else None
     try:
         clock = _StageClock(timings)
@@ -162,28 +291,56 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
                 break
             if pool:
                 nxt = pool.submit(next, blocks, None)
-            b0, b1, lo, block_THW = item
-            block_THW = check_block_values(block_THW, lo, mask_nonfinite, adu)
-            report.add(block_THW[b0 - lo:b1 - lo], b0)
-            net_THW = pred.to_network(pred.adu_to_photons(block_THW))
-            clock.lap("convert")
-            ix = window_indices(torch.arange(b0, b1), n_total, pred.channels_in) - lo
-            windows_NCHW = net_THW[ix]
-            clock.lap("windows")
-            maps = pred.maps(windows_NCHW, first_frame=b0)
-            clock.lap("model")
-            em = pred.emitters(maps, first_frame=b0, frame_hw=hw)
-            clock.lap("post")
-            yield em
-            clock.lap(None)  # the consumer's time is not ours
+            for em in _localize_block(pred, item, len(stack), mask_nonfinite, report, clock):
+                yield em
+                clock.lap(None)  # the consumer's time is not ours
             if bar is not None:
-                bar.update(b1 - b0)
+                bar.update(item[1] - item[0])
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
-    report.finish(stack.path if hasattr(stack, "path") else "the stack")
+    report.finish()
+
+
+def _localize_block(pred, item, n_total: int, mask_nonfinite: bool, report: StackReport, clock):
+    """The EmitterSets of one block of :func:`read_blocks` ``(b0, b1, lo, block_THW)``: one per run of
+    consecutive possible centre frames (impossible ones are not fitted)."""
+    from decode_var.data.tiff import window_indices
+
+    b0, b1, lo, block_THW = item
+    block_THW = check_block_values(block_THW, lo, mask_nonfinite, bool(pred.param.Camera.convert2photons))
+    photons_THW = pred.adu_to_photons(block_THW)
+    kind_T = frame_kinds(block_THW, photons_THW, report.saturation)
+    centre = slice(b0 - lo, b1 - lo)
+    report.add(kind_T[centre], block_THW[centre], photons_THW[centre], b0)
+    net_THW = pred.to_network(photons_THW)
+    clock.lap("convert")
+    ix = window_indices(torch.arange(b0, b1), n_total, pred.channels_in, kind_T >= 0, lo) - lo
+    windows_NCHW = net_THW[ix]
+    clock.lap("windows")
+    ems = []
+    for r0, r1 in _runs(kind_T[centre] < 0):
+        maps = pred.maps(windows_NCHW[r0:r1], first_frame=b0 + r0)
+        clock.lap("model")
+        em, dropped = pred.localize(maps, first_frame=b0 + r0, frame_hw=tuple(block_THW.shape[1:]))
+        report.drop(dropped)
+        ems.append(em)
+        clock.lap("post")
+    return ems
+
+
+def _runs(keep_B: torch.Tensor) -> list:
+    """[(start, stop), ...] of the runs of True in a (B,) bool tensor."""
+    runs, start = [], None
+    for i, k in enumerate(keep_B.tolist() + [False]):
+        if k and start is None:
+            start = i
+        elif not k and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 class _StageClock:
@@ -238,6 +395,7 @@ def check_block_values(frames_THW: torch.Tensor, first: int, mask_nonfinite: boo
     return frames_THW
 
 
-def _first_ten(ix: torch.Tensor) -> list:
-    ix = sorted(set(ix.tolist()))
+def _first_ten(ix) -> list:
+    """The first ten distinct frame indices of ``ix`` (a tensor or a list), '...' after them if there are more."""
+    ix = sorted(set(ix.tolist() if isinstance(ix, torch.Tensor) else ix))
     return ix[:10] + (["..."] if len(ix) > 10 else [])

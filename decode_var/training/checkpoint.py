@@ -16,10 +16,13 @@ killed in between is repaired when the run is resumed (:func:`load_checkpoint`).
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import pickletools
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Union
 
@@ -29,6 +32,8 @@ from decode_var.core.atomic import atomic_torch_save, atomic_write_text, remove_
 from decode_var.core.errors import CheckpointError
 
 FORMAT = "decode-var-ckpt-1"
+#: How much of a file that torch could not load is parsed to tell a pickle from random bytes.
+_PICKLE_PROBE_BYTES = 1 << 20
 PathLike = Union[str, Path]
 
 
@@ -63,6 +68,9 @@ def safe_load(path: PathLike, trusted: bool = False, what: str = "file"):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
         text = str(err)
+        if not _torch_or_pickle(path):  # random bytes, a TIFF, a text file: no trust question to ask
+            raise CheckpointError(f"The {what} {path} is corrupt or not a model file: it is neither a PyTorch "
+                                  "file nor a pickle. Check the path, or use an earlier copy.") from None
         if not trusted and ("Weights only load failed" in text or "weights_only" in text):
             raise CheckpointError(
                 f"Refused to load {path}: it needs arbitrary unpickling, which can run code "
@@ -82,6 +90,27 @@ def safe_load(path: PathLike, trusted: bool = False, what: str = "file"):
         raise CheckpointError(f"The {what} {path} is truncated or corrupt and cannot be read ({_first_line(err)}). "
                               "Use an earlier copy (ckpt.pt is only replaced once a new one is complete) "
                               "or retrain.") from None
+
+
+def _torch_or_pickle(path: Path) -> bool:
+    """Whether ``path`` is a zip archive (torch's format) or starts with a well-formed pickle.
+
+    torch's legacy format and plain pickles start with a pickle; its opcodes are only parsed, nothing is
+    loaded or run. A file of random bytes fails within a few bytes. Only the first MiB is parsed: a pickle
+    still going at its end counts as one.
+    """
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = io.BytesIO(f.read(_PICKLE_PROBE_BYTES))
+    try:
+        for opcode, _, _ in pickletools.genops(head):
+            if opcode.name == "STOP":
+                return True
+    except Exception:  # an unknown opcode, or an argument cut by the end of what was read
+        return head.tell() >= _PICKLE_PROBE_BYTES
+    return False
+
 
 
 def _first_line(err: BaseException) -> str:

@@ -3,7 +3,8 @@
 One training step = simulate a batch (seeded by epoch and step), build its targets (the task's),
 forward, loss, finite check, backward, gradient clip, optimizer step. Per epoch: test loss and
 localization metrics on a fixed seeded test set, adaptive channel-weight update, checkpoint,
-``history.json`` and ``training_curves.png``.
+``history.json`` and ``training_curves.png``; next to ``model.pt`` its card, ``model_card.json`` (the
+training camera and the precision calibration of the latest evaluation, :mod:`decode_var.evaluation.model_card`).
 
 What is trained comes from a :class:`~decode_var.training.tasks.Task` (six-channel or DECODE's
 GMM), where the run stands from a process context (:class:`~decode_var.training.distributed.SingleProcess`
@@ -31,6 +32,8 @@ from decode_var.core.errors import CheckpointError, DecodeVarError
 from decode_var.core.log import warn
 from decode_var.core.seeds import derive_seed
 from decode_var.data.simulation import FrameScale
+from decode_var.evaluation.crlb_scoring import precision_calibration
+from decode_var.evaluation.model_card import update_card
 from decode_var.registry import build_loss, build_model
 from decode_var.training import checkpoint as ckpt_io
 from decode_var.training.distributed import SingleProcess
@@ -145,6 +148,8 @@ class Trainer:
         self._stop_requested = 0
         self._partial: Optional[dict] = None  # progress inside an epoch, for a mid-epoch checkpoint
         self._test = None
+        #: (precision calibration, epochs trained) of the latest test-set evaluation, for the model card
+        self._card_calibration: tuple = (None, None)
         self.tb = None
         if self.log_enabled and tb_dir is not None:
             self.open_tensorboard(tb_dir)
@@ -194,6 +199,7 @@ class Trainer:
             return  # every rank holds the same state; rank 0 writes it
         ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
         ckpt_io.save_model(self.exp_dir / "model.pt", self.model, self.param)
+        update_card(self.exp_dir / "model.pt", self.param, *self._card_calibration)
 
     # ------------------------------------------------------------------------------ data
     def batch(self, n: int, seed):
@@ -391,8 +397,12 @@ class Trainer:
             fixed.append(self.task.fixed_loss(out_b, _slice(tgt, slice(i, i + batch_size))))
             outs.append(out_b.cpu())
         self.model.train()
-        metrics = localization_metrics(self.task, self.backend, self.matcher, torch.cat(outs, 0), batch,
-                                       self.param.HyperParameter.emitter_label_photon_min)
+        matched = match_test_set(self.task, self.matcher, torch.cat(outs, 0), batch,
+                                 self.param.HyperParameter.emitter_label_photon_min)
+        metrics = score_matches(self.backend, matched)
+        if matched is not None and self.proc.is_main:  # deterministic: no random draw
+            tp, tp_match = matched[2][0], matched[2][3]
+            self._card_calibration = (precision_calibration(self.param, tp, tp_match, batch.bg_NHW), self.epoch + 1)
         if fixed[0] is not None:  # the test loss of a fixed definition, next to the optimised one
             metrics["loss_fixed"] = float(torch.cat(fixed).mean())
         return test_loss, components, metrics
@@ -446,13 +456,26 @@ class Trainer:
 
 def localization_metrics(task, backend, matcher, out_phys, batch, photon_min) -> dict:
     """Post-process, match against the test set's emitters, compute DECODE's metrics."""
+    return score_matches(backend, match_test_set(task, matcher, out_phys, batch, photon_min))
+
+
+def match_test_set(task, matcher, out_phys, batch, photon_min):
+    """(localizations, ground truth, (tp, fp, fn, tp_match)) of the test set's outputs; None when the task
+    does not post-process."""
     em_out = task.postprocess(out_phys)
     if em_out is None:
-        return {}
+        return None
     gt = batch.em
     if photon_min is not None and len(gt):
         gt = gt[gt.phot >= photon_min]
-    tp, fp, fn, tp_match = matcher.forward(em_out, gt)
+    return em_out, gt, matcher.forward(em_out, gt)
+
+
+def score_matches(backend, matched) -> dict:
+    """DECODE's metrics of :func:`match_test_set`'s result (empty without one)."""
+    if matched is None:
+        return {}
+    em_out, gt, (tp, fp, fn, tp_match) = matched
     metrics = backend.evaluate(tp, fp, fn, tp_match)
     metrics["n_pred"], metrics["n_gt"] = len(em_out), len(gt)
     return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
