@@ -23,7 +23,8 @@ Input guards (each a clear error with exit status 2, before the model sees the f
   neighbours' windows as the stack ends are (the window repeats the frame towards its centre); one
   warning per kind names them, and a stack with no frame left is refused. Most pixels below
   ``Camera.baseline`` is a warning with the numbers;
-- localizations outside the frame or the trained z range (``Simulation.emitter_extent``) are dropped;
+- localizations outside the frame, or beyond the trained z range (``Simulation.emitter_extent``) by more than
+  a fifth of its length (``Predictor.inside``), are dropped;
   the summary line counts frames read, fitted and excluded and localizations dropped, and the output
   file's metadata stores the same record (:func:`decode_var.data.emitter_io.load_source_meta`);
 - non-finite model outputs: refused, naming the frames (``Predictor.output``).

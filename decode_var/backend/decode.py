@@ -254,5 +254,24 @@ class GMMChain:
         return self.inverse_rescale.forward(output.float())
 
     def postprocess(self, out_phys):
-        em = self.pp.forward(self.offset2coord.forward(out_phys.clone()))
-        return self.backend.to_builtin(em)
+        return self.postprocessor().forward(out_phys)
+
+    def postprocessor(self, grid=None) -> "_GMMPost":
+        """Offsets to coordinates and DECODE's post-processing on ``grid`` (a :class:`Scale` on the input
+        pixel grid of a frame of any size; default: the training frames)."""
+        if grid is None:
+            return _GMMPost(self.offset2coord, self.pp, self.backend)
+        o2c = _d_coord.Offset2Coordinate(xextent=tuple(grid.xextent), yextent=tuple(grid.yextent),
+                                         img_shape=tuple(grid.img_shape))
+        return _GMMPost(o2c, self.pp, self.backend)
+
+
+class _GMMPost:
+    """DECODE's Offset2Coordinate + SpatialIntegration / LookUp on a 10-channel physical output
+    ``[p, phot, x, y, z, phot_sig, x_sig, y_sig, z_sig, bg]``: emitters with their predicted sigmas."""
+
+    def __init__(self, offset2coord, pp, backend):
+        self.offset2coord, self.pp, self.backend = offset2coord, pp, backend
+
+    def forward(self, out_phys) -> EmitterSet:
+        return self.backend.to_builtin(self.pp.forward(self.offset2coord.forward(out_phys.clone())))

@@ -46,13 +46,24 @@ class Task(ABC):
         """(per-element loss, raw output) of a training step; ``model``: a wrapper of :attr:`model`
         (DDP) to call instead."""
 
-    @abstractmethod
     def physical_output(self, frames) -> torch.Tensor:
         """Eval output in physical units (what the post-processing reads)."""
+        return self.to_physical(self.model(frames))
+
+    @abstractmethod
+    def to_physical(self, out) -> torch.Tensor:
+        """The model's eval output (network units) -> physical units. The trainer's evaluation and the
+        :class:`~decode_var.inference.predictor.Predictor` share it: what trains also fits."""
 
     @abstractmethod
     def postprocess(self, out_phys):
-        """EmitterSet of a physical output, or None without post-processing."""
+        """EmitterSet of a physical output on the training frames, or None without post-processing."""
+
+    @abstractmethod
+    def postprocessor(self, grid):
+        """The post-processing of physical outputs on ``grid`` (the finest output :class:`Scale` over a
+        frame of any size, :meth:`Predictor.output_grid`): an object with ``forward(out_phys) ->
+        EmitterSet``, or None when the param has none."""
 
     def fixed_loss(self, out_phys, tgt) -> Optional[torch.Tensor]:
         """Per-sample loss of a definition that does not change during the run; None: the test loss
@@ -119,9 +130,8 @@ class SixChannelTask(Task):
         out = (model or self.model)(frames, targets=targets[:n_active], n_active=n_active)
         return self.loss(out, targets, weights), out
 
-    def physical_output(self, frames) -> torch.Tensor:
+    def to_physical(self, out) -> torch.Tensor:
         """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1)."""
-        out = self.model(frames)
         return self.rescale.inverse(out.float(), self.schedule.finest.cell_size)
 
     def fixed_loss(self, out_phys_N6HW, tgt) -> torch.Tensor:
@@ -133,6 +143,9 @@ class SixChannelTask(Task):
 
     def postprocess(self, out_phys):
         return self.post.forward(out_phys) if self.post is not None else None
+
+    def postprocessor(self, grid):
+        return self.backend.post_processing(self.param, grid)
 
     def nonfinite_report(self, out, tgt):
         if not self.scheduled:
@@ -176,6 +189,10 @@ class GMMTask(Task):
     def __init__(self, param, backend, model, loss):
         super().__init__(param, backend, model, loss)
         self.chain = backend.gmm_chain(param)
+        sim = param.Simulation
+        ext = sim.psf_extent or (None, None)
+        #: one output on the input frame's pixel grid
+        self.schedule = ScaleSchedule(sim.img_size, [1.0], xextent=ext[0], yextent=ext[1])
 
     def make_targets(self, batch, n):
         return self.chain.targets(batch, n)
@@ -184,11 +201,14 @@ class GMMTask(Task):
         out = (model or self.model)(frames)
         return self.loss(out, tgt, None), out
 
-    def physical_output(self, frames):
-        return self.chain.inverse(self.model(frames))
+    def to_physical(self, out):
+        return self.chain.inverse(out)
 
     def postprocess(self, out_phys):
         return self.chain.postprocess(out_phys)
+
+    def postprocessor(self, grid):
+        return self.chain.postprocessor(grid)
 
 
 TASKS = {"six_channel": SixChannelTask, "gmm": GMMTask}
