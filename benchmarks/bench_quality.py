@@ -158,7 +158,8 @@ def train_for(param, workdir: Path, samples: int | None, minutes: float | None, 
 
 @torch.no_grad()
 def final_metrics(trainer, threads: int) -> tuple[dict, dict]:
-    from decode_var.eval_cli import evaluate_emitters, simulated_test_set
+    from decode_var.eval_cli import simulated_test_set
+    from decode_var.evaluation.protocol import score
 
     frames, gt = simulated_test_set(trainer.param, trainer.backend)
     x = trainer.frame_scale(frames)
@@ -167,7 +168,7 @@ def final_metrics(trainer, threads: int) -> tuple[dict, dict]:
     outs = [trainer.task.physical_output(x[i:i + 64]) for i in range(0, x.size(0), 64)]
     cpu = time.process_time() - t0
     em = trainer.task.postprocess(torch.cat(outs))
-    metrics, (tp, _, _, tp_match) = evaluate_emitters(trainer.param, trainer.backend, em, gt)
+    metrics, (tp, _, _, tp_match) = score(trainer.param, trainer.backend, trainer.matcher, em, gt)
     metrics["inference_fps_cpu"] = x.size(0) / max(cpu / threads, 1e-9)
     # lateral error (nm) of every matched ground-truth emitter, keyed by (frame, id), for the paired table
     d_lat = (tp.xyz_nm[:, :2] - tp_match.xyz_nm[:, :2]).norm(dim=1).tolist() if len(tp) else []

@@ -26,7 +26,7 @@ from decode_var.core.devices import check_device
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.log import note
 from decode_var.core.outputs import check_outputs
-from decode_var.evaluation.crlb_scoring import background_at, crlb_metrics, crlb_of  # noqa: F401 (their old home)
+from decode_var.evaluation.protocol import ground_truth, score, simulate_test_set
 from decode_var.evaluation.model_card import refresh_card
 
 
@@ -42,25 +42,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def evaluate_emitters(param, backend, em_out, gt) -> tuple[dict, tuple]:
-    matcher = backend.matcher(param)
-    tp, fp, fn, tp_match = matcher.forward(em_out, gt)
-    metrics = backend.evaluate(tp, fp, fn, tp_match)
-    metrics.update(crlb_metrics(param, tp, tp_match, metrics))
-    metrics["n_pred"], metrics["n_gt"] = len(em_out), len(gt)
-    return {k: float(v) for k, v in metrics.items()}, (tp, fp, fn, tp_match)
-
-
 def simulated_test_set(param, backend, n: Optional[int] = None):
-    """The fixed test set (same seed as training's per-epoch test), with bg per emitter for the CRLB."""
-    from decode_var.core.seeds import derive_seed
-
-    batch = backend.simulator(param).sample(n or param.TestSet.test_size, derive_seed(param.VAR.test_seed, 0))
-    gt = batch.em
-    gt.bg = background_at(batch.bg_NHW, gt) if len(gt) else torch.zeros(0)
-    if param.HyperParameter.emitter_label_photon_min is not None and len(gt):
-        gt = gt[gt.phot >= param.HyperParameter.emitter_label_photon_min]
-    return batch.frames_NCHW, gt
+    """(frames_NCHW in photons, ground truth) of the protocol's seeded test set (the set training reports on)."""
+    batch = simulate_test_set(backend.simulator(param), param, n)
+    return batch.frames_NCHW, ground_truth(param, batch)
 
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
@@ -102,9 +87,9 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     if gt is not None:
         if gt.px_size is None:
             gt.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-        metrics, matched = evaluate_emitters(param, pred.backend, em_out, gt)
+        metrics, matched = score(param, pred.backend, pred.backend.matcher(param), em_out, gt)
         if frames is None:  # the model's own seeded test set: its card's precision calibration (issue 27)
-            refresh_card(resolve_model_path(model), param, matched[0], matched[3])
+            refresh_card(resolve_model_path(model), param, metrics)
         if report:
             from decode_var.evaluation.plots import plot_eval_report
 

@@ -159,7 +159,7 @@ def test_corrupt_model_file(trained, tmp_path, capsys):
 
 def test_ground_truth_background_is_read_where_the_emitter_is():
     from decode_var.core.emitters import EmitterSet
-    from decode_var.eval_cli import background_at
+    from decode_var.evaluation.crlb_scoring import background_at
 
     bg = torch.arange(2 * 4 * 5, dtype=torch.float32).view(2, 4, 5)  # varies across frames, rows, columns
     em = EmitterSet(torch.tensor([[0.2, 3.4, 0.0], [2.6, -0.4, 10.0], [3.9, 4.7, 0.0]]), torch.ones(3),

@@ -47,23 +47,32 @@ def crlb_of(param, gt_matched) -> Optional[torch.Tensor]:
     return var
 
 
-def crlb_metrics(param, tp, tp_match, metrics) -> dict:
-    """RMSE / sqrt(mean CRLB) for x, y, lateral, z (1 = at the bound)."""
+def crlb_metrics(param, tp, tp_match) -> dict:
+    """RMSE / sqrt(mean CRLB) along x, y, z and laterally on matched emitters (1 = at the bound), as
+    ``crlb_ratio_x``, ``crlb_ratio_y``, ``crlb_ratio_z``, ``crlb_ratio_lat`` and the lateral bound
+    ``crlb_lat_nm``; an axis whose bound is not finite (z of a 2D PSF) is left out; {} without matches
+    or without the ground truth's background (``tp_match.bg``, photons / px).
+
+    Args:
+        tp, tp_match: matched predictions and their ground truth (same order), x, y in px (``Camera.px_size``
+            nm each), z in nm.
+    """
     var = crlb_of(param, tp_match)
     if var is None:
         return {}
+    var = var.double()
+    d = (tp.xyz_px - tp_match.xyz_px).double()
+    d[:, :2] *= torch.tensor([float(v) for v in param.Camera.px_size], dtype=torch.float64)  # nm, as the bounds
     out = {}
-    d = (tp.xyz_nm - tp_match.xyz_nm).double()
     for i, name in enumerate(("x", "y", "z")):
-        col = var[:, i].double()
-        ok = torch.isfinite(col)
+        ok = torch.isfinite(var[:, i])
         if ok.any():
-            rmse = float(d[ok, i].pow(2).mean().sqrt())
-            out[f"crlb_ratio_{name}"] = rmse / math.sqrt(float(col[ok].mean()))
-    lat_var = (var[:, 0] + var[:, 1]).double()
-    if torch.isfinite(lat_var).any():
-        out["crlb_ratio_lat"] = metrics.get("rmse_lat", float("nan")) / math.sqrt(float(lat_var.mean()))
-        out["crlb_lat_nm"] = math.sqrt(float(lat_var.mean()))
+            out[f"crlb_ratio_{name}"] = float(d[ok, i].pow(2).mean().sqrt() / var[ok, i].mean().sqrt())
+    lat_var = var[:, 0] + var[:, 1]
+    ok = torch.isfinite(lat_var)
+    if ok.any():
+        out["crlb_ratio_lat"] = float(d[ok, :2].pow(2).sum(1).mean().sqrt() / lat_var[ok].mean().sqrt())
+        out["crlb_lat_nm"] = math.sqrt(float(lat_var[ok].mean()))
     return out
 
 
@@ -75,34 +84,13 @@ def background_at(bg_NHW: torch.Tensor, em) -> torch.Tensor:
     return bg_NHW[em.frame_ix, xy[:, 0].clamp(0, H - 1), xy[:, 1].clamp(0, W - 1)].clone()
 
 
-def precision_calibration(param, tp, tp_match, bg_NHW: Optional[torch.Tensor] = None) -> Optional[dict]:
-    """The model card's precision calibration: RMSE / sqrt(mean CRLB) along x, y, z and laterally.
-
-    Args:
-        tp, tp_match: matched predictions and their ground truth (same order), x, y in px, z in nm.
-        bg_NHW: the test set's true background (photons / px) to read each ground-truth emitter's
-            background from; None: ``tp_match.bg``.
-
-    Returns:
-        ``{"ratio_x", "ratio_y", "ratio_z", "ratio_lat", "n_matched"}`` (a ratio is None where the CRLB of
-        that axis is not finite, e.g. z of a 2D PSF), or None when nothing is matched or no background is known.
-    """
-    if len(tp_match) == 0:
+def precision_calibration(metrics: dict) -> Optional[dict]:
+    """The model card's precision calibration from the scored test set's metrics
+    (:func:`decode_var.evaluation.protocol.score`): ``{"ratio_x", "ratio_y", "ratio_z", "ratio_lat",
+    "n_matched"}`` (a ratio is None where that axis has no finite bound), or None without matches."""
+    if not metrics.get("n_tp") or "crlb_ratio_lat" not in metrics:
         return None
-    bg = background_at(bg_NHW.cpu(), tp_match) if bg_NHW is not None else tp_match.bg
-    if bg is None:
-        return None
-    var = crlb_px(param, tp_match.xyz_px, tp_match.phot, bg).double()
-    px = torch.tensor([float(v) for v in param.Camera.px_size], dtype=torch.float64)
-    d = (tp.xyz_px - tp_match.xyz_px).double()
-    d[:, :2] *= px  # nm, as the bounds below
-    var[:, :2] *= px ** 2
-    out = {"n_matched": int(len(tp))}
-    for i, name in enumerate(("x", "y", "z")):
-        ok = torch.isfinite(var[:, i])
-        out[f"ratio_{name}"] = (float(d[ok, i].pow(2).mean().sqrt() / var[ok, i].mean().sqrt())
-                                if ok.any() else None)
-    ok = torch.isfinite(var[:, 0] + var[:, 1])
-    out["ratio_lat"] = (float(d[ok, :2].pow(2).sum(1).mean().sqrt() / (var[ok, 0] + var[ok, 1]).mean().sqrt())
-                        if ok.any() else None)
+    out = {"n_matched": int(metrics["n_tp"])}
+    for name in ("x", "y", "z", "lat"):
+        out[f"ratio_{name}"] = metrics.get(f"crlb_ratio_{name}")
     return out

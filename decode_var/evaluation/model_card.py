@@ -159,15 +159,16 @@ def check_camera(param, model_path: Union[str, Path]) -> Optional[ModelCard]:
     return card
 
 
-def refresh_card(model_path: Union[str, Path], param, tp, tp_match) -> Optional[Path]:
-    """``decode-var-eval`` on the default (seeded) test set: measure the card's precision calibration again from
-    its matches (``tp``, ``tp_match``, ground truth with ``bg``). Skipped, with a note, when ``param``'s camera
-    is not the card's (the test set then is not the model's own). Returns the card written, or None."""
+def refresh_card(model_path: Union[str, Path], param, metrics: dict) -> Optional[Path]:
+    """``decode-var-eval`` on the default (seeded) test set: the card's precision calibration again, from the
+    scored test set's ``metrics`` (:func:`decode_var.evaluation.protocol.score`). Skipped, with a note, when
+    ``param``'s camera is not the card's (the test set then is not the model's own). Returns the card written,
+    or None."""
     card = load_card(model_path)
     if card is not None and camera_mismatches(card, param):
         note(f"{card.path} not refreshed: this param's camera is not the one the model was trained for.")
         return None
-    calib = precision_calibration(param, tp, tp_match)
+    calib = precision_calibration(metrics)
     if calib is None:
         return None
     try:

@@ -33,6 +33,7 @@ from decode_var.core.log import warn
 from decode_var.core.seeds import derive_seed
 from decode_var.data.simulation import FrameScale
 from decode_var.evaluation.crlb_scoring import precision_calibration
+from decode_var.evaluation.protocol import ground_truth, score, test_set_seed, test_set_size
 from decode_var.evaluation.model_card import update_card
 from decode_var.registry import build_loss, build_model
 from decode_var.training import checkpoint as ckpt_io
@@ -40,7 +41,7 @@ from decode_var.training.distributed import SingleProcess
 from decode_var.training.schedules import build_lr_scheduler, grad_clip_norm, step_lr_scheduler
 from decode_var.training.tasks import component_vector, make_task, param_for_model_scales
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "EpochLog", "localization_metrics", "derive_seed"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "EpochLog", "derive_seed"]
 
 
 class TrainingDiverged(DecodeVarError, RuntimeError):
@@ -215,9 +216,10 @@ class Trainer:
         return self.proc.data_seed(self.param.VAR.seed, self.epoch, step, self.param.HyperParameter.batch_size)
 
     def test_set(self):
+        """The seeded test set of the evaluation protocol (:mod:`decode_var.evaluation.protocol`), made once:
+        (Batch, frames on the device, targets on the device)."""
         if self._test is None:
-            n = self.param.TestSet.test_size
-            self._test = self.batch(n, derive_seed(self.param.VAR.test_seed, 0))
+            self._test = self.batch(test_set_size(self.param), test_set_seed(self.param))
         return self._test
 
     # ------------------------------------------------------------------------------ loop
@@ -397,12 +399,11 @@ class Trainer:
             fixed.append(self.task.fixed_loss(out_b, _slice(tgt, slice(i, i + batch_size))))
             outs.append(out_b.cpu())
         self.model.train()
-        matched = match_test_set(self.task, self.matcher, torch.cat(outs, 0), batch,
-                                 self.param.HyperParameter.emitter_label_photon_min)
-        metrics = score_matches(self.backend, matched)
-        if matched is not None and self.proc.is_main:  # deterministic: no random draw
-            tp, tp_match = matched[2][0], matched[2][3]
-            self._card_calibration = (precision_calibration(self.param, tp, tp_match, batch.bg_NHW), self.epoch + 1)
+        metrics = {}
+        em_out = self.task.postprocess(torch.cat(outs, 0))
+        if em_out is not None:  # the protocol's score, CRLB ratios included (deterministic: no random draw)
+            metrics, _ = score(self.param, self.backend, self.matcher, em_out, ground_truth(self.param, batch))
+            self._card_calibration = (precision_calibration(metrics), self.epoch + 1)
         if fixed[0] is not None:  # the test loss of a fixed definition, next to the optimised one
             metrics["loss_fixed"] = float(torch.cat(fixed).mean())
         return test_loss, components, metrics
@@ -452,33 +453,6 @@ class Trainer:
             from decode_var.evaluation.plots import plot_training_curves
 
             plot_training_curves(self.history, self.exp_dir / "training_curves.png")
-
-
-def localization_metrics(task, backend, matcher, out_phys, batch, photon_min) -> dict:
-    """Post-process, match against the test set's emitters, compute DECODE's metrics."""
-    return score_matches(backend, match_test_set(task, matcher, out_phys, batch, photon_min))
-
-
-def match_test_set(task, matcher, out_phys, batch, photon_min):
-    """(localizations, ground truth, (tp, fp, fn, tp_match)) of the test set's outputs; None when the task
-    does not post-process."""
-    em_out = task.postprocess(out_phys)
-    if em_out is None:
-        return None
-    gt = batch.em
-    if photon_min is not None and len(gt):
-        gt = gt[gt.phot >= photon_min]
-    return em_out, gt, matcher.forward(em_out, gt)
-
-
-def score_matches(backend, matched) -> dict:
-    """DECODE's metrics of :func:`match_test_set`'s result (empty without one)."""
-    if matched is None:
-        return {}
-    em_out, gt, (tp, fp, fn, tp_match) = matched
-    metrics = backend.evaluate(tp, fp, fn, tp_match)
-    metrics["n_pred"], metrics["n_gt"] = len(em_out), len(gt)
-    return {k: (float(v) if v is not None else float("nan")) for k, v in metrics.items()}
 
 
 def _to_device(tgt, device):
