@@ -15,6 +15,6 @@ __all__ = ["CHANNELS", "register_with_decode", "__version__"]
 
 def register_with_decode():
     """Add decode-var's models and losses to DECODE's namespaces (see :func:`decode_var.backend.register_with_decode`)."""
-    from decode_var.backend import register_with_decode as _register
+    from decode_var.backend import register_with_decode as _register  # lazy: else importing core loads the backend
 
     return _register()

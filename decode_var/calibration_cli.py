@@ -14,6 +14,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from decode_var.config.param import load_param
+from decode_var.core.errors import DecodeVarError, exit_status
+from decode_var.core.outputs import check_outputs
+from decode_var.data.spline_psf import gaussian_pixel_model, make_calibration, save_calibration
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="decode-var-make-calibration",
@@ -32,16 +37,10 @@ def parse_args(argv=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.core.errors import DecodeVarError, exit_status
-    from decode_var.core.outputs import check_outputs
-    from decode_var.data.spline_psf import gaussian_pixel_model, make_calibration, save_calibration
-
     args = parse_args(argv)
     try:
         check_outputs([args.out], {"-p": args.param_file})
         if args.param_file:
-            from decode_var.config.param import load_param
-
             g = load_param(args.param_file).VAR.gaussian_psf
             sigma_0, foc_shift, rl_range, mode_3d = g.sigma_0, g.foc_shift, g.rl_range, g.mode_3d
         else:

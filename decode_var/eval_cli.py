@@ -22,17 +22,24 @@ from typing import Optional, Sequence
 
 import torch
 
+from decode_var.config.param import load_param
+from decode_var.core.atomic import atomic_write_text
 from decode_var.core.devices import check_device
+from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.log import note
 from decode_var.core.outputs import check_outputs
 from decode_var.evaluation.protocol import ground_truth, score, simulate_test_set
+from decode_var.data.emitter_io import save_emitters
+from decode_var.data.tiff import TiffStack
+from decode_var.evaluation import plots
 from decode_var.evaluation.model_card import refresh_card
+from decode_var.inference import stack as fitting  # a module: tests patch fitting.localize_stack
+from decode_var.inference.predictor import Predictor, add_model_arguments, resolve_model_path
+from decode_var.inference.stack import check_stack_dtype, resolve_batch_size
 
 
 def parse_args(argv=None):
-    from decode_var.inference.predictor import add_model_arguments
-
     p = argparse.ArgumentParser(prog="decode-var-eval", description="Evaluate a trained model.")
     add_model_arguments(p, frames_help="TIFF stack to evaluate on (default: simulate the test set)")
     p.add_argument("--emitters", default=None, help="ground truth for --frames (.csv, .h5, .pt)")
@@ -50,11 +57,6 @@ def simulated_test_set(param, backend, n: Optional[int] = None):
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
         report=True, batch_size="auto", max_memory=None, compile=False) -> dict:
-    from decode_var.core.atomic import atomic_write_text
-    from decode_var.data.emitter_io import save_emitters
-    from decode_var.inference.predictor import Predictor, resolve_model_path
-    from decode_var.config.param import load_param
-
     check_eval_outputs(param_file, model, out, frames, emitters, device, report)
     param = load_param(param_file)
     pred = Predictor(param, resolve_model_path(model), device, trusted)
@@ -67,16 +69,12 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         frame_image = lambda f: frames_NCHW[f, centre].cpu().numpy()  # noqa: E731
         image_unit = "photons"
     else:
-        from decode_var.core.emitters import EmitterSet
-        from decode_var.inference.stack import check_stack_dtype, localize_stack, resolve_batch_size
-        from decode_var.data.tiff import TiffStack
-
         stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
         check_stack_dtype(stack.dtype, frames)
         bs = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
         if compile:
             pred.compile(bs)
-        em_out = EmitterSet.cat(localize_stack(pred, stack, bs))
+        em_out = EmitterSet.cat(fitting.localize_stack(pred, stack, bs))
         frame_hw = tuple(stack.shape[1:])
         # only the frames shown are read; ground truth may name frames the stack does not hold
         frame_image = lambda f: stack.read(f, f + 1)[0] if 0 <= f < len(stack) else None  # noqa: E731
@@ -91,9 +89,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         if frames is None:  # the model's own seeded test set: its card's precision calibration (issue 27)
             refresh_card(resolve_model_path(model), param, metrics)
         if report:
-            from decode_var.evaluation.plots import plot_eval_report
-
-            plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
+            plots.plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
                              frame_image=frame_image, image_unit=image_unit)
     elif frames is not None and emitters is None:
         note("no --emitters given: localizations written, no metrics.")
@@ -109,8 +105,6 @@ EVAL_REPORT_BYTES = 20_000_000
 
 def check_eval_outputs(param_file, model, out, frames=None, emitters=None, device="cpu", report=True) -> None:
     """The pre-flight of an evaluation into the folder ``out``; raises OutputError / DeviceError."""
-    from decode_var.inference.predictor import resolve_model_path
-
     check_device(device)
     out = Path(out)
     files = [out / "metrics.json", out / "emitters.csv"] + ([out / "report.png"] if report else [])

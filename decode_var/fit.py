@@ -49,13 +49,16 @@ import tifffile
 from decode_var.core.devices import check_device
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.outputs import check_outputs
+from decode_var.inference.export import export_paths, write_fit_outputs
+from decode_var.inference.predictor import add_model_arguments, resolve_model_path
+# the stack logic lives in decode_var.inference.stack; its public names stay importable from here
+from decode_var.inference.stack import (check_block_values, check_stack_dtype, fit, localize_stack,
+                                        resolve_batch_size)
 
 PROG = "decode-var-fit"
 
 
 def parse_args(argv=None):
-    from decode_var.inference.predictor import add_model_arguments
-
     p = argparse.ArgumentParser(prog="decode-var-fit", description="Fit emitters in a TIFF stack.")
     add_model_arguments(p, frames_help=None)
     p.add_argument("--out", required=True, help="emitter file: .h5, .csv or .pt (DECODE's formats)")
@@ -65,17 +68,10 @@ def parse_args(argv=None):
     # issue 15: exports for other software and the super-resolution image, next to --out
     p.add_argument("--format", nargs="+", default=["decode"], choices=("decode", "picasso", "thunderstorm"),
                    help="also write <out>_locs.hdf5 + .yaml (picasso) and/or <out>_thunderstorm.csv; --out is "
-                        "always DECODE's format (docs/spline_render_export.md)")
+                        "always DECODE's format (docs/formats.md)")
     p.add_argument("--no-render", action="store_true", help="do not write <out>_render.png / .tif")
     return p.parse_args(argv)
 
-
-# the stack logic lives in decode_var.inference.stack; its public names stay importable from here
-from decode_var.inference.stack import (check_block_values, check_stack_dtype, fit, localize_stack,  # noqa: E402
-                                        resolve_batch_size)
-
-from decode_var.inference.export import export_paths  # noqa: E402
-from decode_var.inference.predictor import resolve_model_path  # noqa: E402
 
 __all__ = ["main", "parse_args", "fit", "localize_stack", "resolve_batch_size", "check_block_values",
            "check_stack_dtype", "output_paths", "expected_output_bytes"]
@@ -144,8 +140,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exit_status(PROG, err, kept=f"nothing was written ({args.out} is as it was)")
     print(em.fit_report.summary(len(em), args.out))
     try:
-        from decode_var.inference.export import write_fit_outputs
-
         extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render,
                                   model=args.model)  # its card calibrates the exported precision
     except (DecodeVarError, OSError, KeyboardInterrupt) as err:

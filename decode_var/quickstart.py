@@ -13,18 +13,17 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from decode_var.core.errors import DecodeVarError, exit_status
+from decode_var.eval_cli import run as run_eval
+from decode_var.train import train
+
 
 def main(argv=None) -> int:
-    from decode_var.core.errors import DecodeVarError, exit_status
-
     ap = argparse.ArgumentParser(prog="decode-var-quickstart", description=__doc__.split("\n\n")[1])
     ap.add_argument("--out", default="out/quickstart", help="parent folder of the experiment (default out/quickstart)")
     ap.add_argument("--epochs", type=int, default=None, help="override HyperParameter.epochs")
     ap.add_argument("--param", default=None, help="use this param file instead of the embedded one")
     args = ap.parse_args(argv)
-    from decode_var.eval_cli import run as run_eval
-    from decode_var.train import train
-
     overrides = {"InOut": {"experiment_out": args.out}}
     if args.epochs is not None:
         overrides["HyperParameter"] = {"epochs": args.epochs}

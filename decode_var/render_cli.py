@@ -22,8 +22,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
+from decode_var.config.param import load_param
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.outputs import check_free_space, check_outputs, existing_folder
+from decode_var.data.emitter_io import load_emitters
+from decode_var.evaluation.model_card import load_card
+from decode_var.inference.export import FORMATS, export, readable_rows
+from decode_var.inference.render import render, save_render
 
 #: Bytes written per render pixel: float32 TIFF pages (density, and z for 3D) and at most 3 in the PNG.
 RENDER_BYTES_PER_PX = 11
@@ -41,15 +48,10 @@ def _common(p):
 
 
 def _load(args):
-    from decode_var.data.emitter_io import load_emitters
-    from decode_var.config.param import load_param
-
     param = load_param(args.param_file) if args.param_file else None
     px = args.camera_px or (param.Camera.px_size if param is not None else None)
     em = load_emitters(args.emitters, px_size=px)
     if args.camera_px:
-        import torch
-
         em.px_size = torch.tensor(args.camera_px, dtype=torch.float32)
     return em, param
 
@@ -66,8 +68,6 @@ def _input_bytes(path) -> int:
 
 
 def render_main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.inference.render import render, save_render
-
     p = argparse.ArgumentParser(prog="decode-var-render", description="Render an emitter file (PNG + float TIFF).")
     _common(p)
     p.add_argument("--out", default=None, help="PNG to write (default: <emitters>_render.png); the TIFF gets .tif")
@@ -94,9 +94,6 @@ def render_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    from decode_var.evaluation.model_card import load_card
-    from decode_var.inference.export import FORMATS, export, readable_rows
-
     p = argparse.ArgumentParser(prog="decode-var-convert",
                                 description="Convert an emitter file for Picasso, ThunderSTORM or DECODE.")
     _common(p)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from decode_var.nn.channel_weights import CHANNELS, PRESETS
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
-from decode_var.nn.loss import LOSSES, AdaptivePPXYZBLoss, PPXYZBLoss
+from decode_var import registry
+from decode_var.nn.loss import AdaptivePPXYZBLoss, PPXYZBLoss
 from decode_var.nn.progressive import (ConstantScaleWeights, VARProgressiveSchedule, WarmupScaleWeights,
                                     build_schedule)
 
@@ -143,7 +144,7 @@ def test_multiscale_mean_is_weighted_sum_of_per_scale_means():
             assert comp[f"s{k}_{ch}"] == pytest.approx(per_scale[c].item(), rel=1e-5, abs=1e-9)
     for ch in CHANNELS:
         assert comp[ch] == pytest.approx(sum(comp[f"s{k}_{ch}"] for k in range(3)), rel=1e-5, abs=1e-9)
-    assert [s.name for s in crit.last_layout] == ["s0_2x2", "s1_4x4", "s2_8x6"]
+    assert [s.name for s in loss.scale_slices] == ["s0_2x2", "s1_4x4", "s2_8x6"]
 
 
 def test_log_survives_concatenation_along_the_batch_as_in_decode_test_loop():
@@ -154,6 +155,44 @@ def test_log_survives_concatenation_along_the_batch_as_in_decode_test_loop():
     total, comp = crit.log(torch.cat((a, b), 0))
     assert total == pytest.approx(torch.cat((a, b), 0).mean().item(), rel=1e-6)
     assert "s2_bg" in comp
+
+
+def _per_scale(comp: dict) -> dict:
+    return {k: v for k, v in comp.items() if k.startswith("s")}
+
+
+def test_log_describes_the_value_it_is_given_not_the_last_forward():
+    """The layout travels with the loss: a second forward on other scales, or another loss instance,
+    leaves the components of an earlier value as they were; a plain tensor borrows no layout."""
+    outs, tars, wgts = _scales()
+    crit = PPXYZBLoss(n_scales=3, scale_schedule="none")
+    first = crit(outs, tars, wgts)
+    expected = _per_scale(crit.log(first)[1])
+    assert sorted(k for k in expected if "_" not in k) == ["s0", "s1", "s2"]
+    crit(outs[:2], tars, wgts)  # the next forward computes two scales only
+    assert _per_scale(crit.log(first)[1]) == expected
+    assert _per_scale(PPXYZBLoss(n_scales=3, scale_schedule="none").log(first)[1]) == expected
+    plain = first.detach().clone().as_subclass(torch.Tensor)
+    crit(outs, tars, wgts)  # a forward of the same layout just before
+    assert _per_scale(crit.log(plain)[1]) == {}
+
+
+def test_the_layout_survives_what_keeps_the_positions():
+    """DECODE's loops concatenate batches and multiply by a per-element weight (grad_rescale); a mean or a
+    channel of the loss is a plain tensor."""
+    crit = PPXYZBLoss(n_scales=3, scale_schedule="none")
+    a, b = crit(*_scales()), crit(*_scales(seed=7))
+    slices = a.scale_slices
+    assert [(s.index, s.start, s.length) for s in slices] == [(0, 0, 4), (1, 4, 16), (2, 20, 48)]
+    for kept in (torch.cat((a, b), 0), a * torch.rand_like(a), a.detach().cpu(), a.float(), a[:1], a[:0]):
+        assert kept.scale_slices == slices
+    for plain in (a.mean(), a[:, :1], a[..., :4], a.mean(0)):
+        assert not hasattr(plain, "scale_slices")
+    c = crit(*_scales(sizes=((2, 2), (4, 4), (6, 8))))  # same lengths, other names: no layout is chosen
+    assert not hasattr(torch.cat((a, c), 0), "scale_slices")
+    single = crit(*_batch())
+    assert [(s.index, s.name, s.length) for s in single.scale_slices] == [(0, "s0_5x4", 20)]
+    assert single.shape == (2, 6, 5, 4) and "s0_p" in crit.log(single)[1]
 
 
 def test_inactive_scales_are_not_computed(monkeypatch):
@@ -362,8 +401,11 @@ def test_static_loss_refuses_adaptive_flag():
 
 
 def test_registry_names():
-    assert LOSSES == {"PPXYZB": PPXYZBLoss, "AdaptivePPXYZB": AdaptivePPXYZBLoss}
+    assert registry.losses(registry.PACKAGE) == {"AdaptivePPXYZB": AdaptivePPXYZBLoss, "PPXYZB": PPXYZBLoss}
     assert issubclass(AdaptivePPXYZBLoss, PPXYZBLoss)
+    # the checkpoint state names a loss by its one registered name
+    assert AdaptivePPXYZBLoss().state_dict()["loss"] == "AdaptivePPXYZB"
+    assert PPXYZBLoss().state_dict()["loss"] == "PPXYZB"
 
 
 # ---------------------------------------------------------------------- adaptive loss and state

@@ -9,10 +9,12 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
-from decode_var.nn.model import MODELS, VARMultiScale
+from decode_var import registry
+from decode_var.nn.model import VARMultiScale
 from decode_var.nn.blocks import (RefineStage, ScaleTransformer, WindowLayout, recentre, recentre_upsample,
                                      resample, upsample_cells)
 from decode_var.core.scales import ScaleSchedule
+from decode_var.training.tasks import param_for_model_scales
 
 FACTORS = [0.25, 0.5, 1.0, 2.0]
 TINY = dict(features=4, token_dim=8, depth=1, heads=2, window=2)
@@ -64,6 +66,16 @@ def test_single_ablation_predicts_only_the_finest_scale():
     assert m.schedule.factors == (2.0,)
     outs = m(frames())
     assert len(outs) == 1 and outs[0].shape == (2, 6, 32, 32)
+
+
+def test_the_single_ablation_says_which_scale_it_predicts():
+    """``predicted_factors`` is what the task builds targets and the loss for (VAR.scales lists three)."""
+    param = make_param(conditioning="single")
+    m = VARMultiScale.parse(param)
+    assert m.predicted_factors() == [1.0] and m.progressive
+    assert list(param_for_model_scales(param, m).VAR.scales) == [1.0]
+    full = make_param()
+    assert param_for_model_scales(full, VARMultiScale.parse(full)) is full
 
 
 def test_wrong_channel_count_is_a_shape_error():
@@ -358,7 +370,7 @@ def test_parse_reads_hyperparameter_and_var_sections():
     # p_init from Simulation.emitter_av over the finest grid: 5 emitters on 16 x 16 cells
     expected = 1 - math.exp(-5 / 256)
     assert torch.sigmoid(m.heads[-1].bias[0]).item() == pytest.approx(expected, rel=1e-5)
-    assert MODELS["VARMultiScale"] is VARMultiScale
+    assert registry.get_model("VARMultiScale") is VARMultiScale
 
 
 def test_parse_takes_initial_features_from_arch_param():

@@ -163,18 +163,17 @@ def test_register_with_decode():
     import decode.neuralfitter.models
 
     import decode_var
-    from decode_var.nn.loss import LOSSES
-    from decode_var.nn.model import MODELS
+    from decode_var.registry import get_loss, get_model
 
     decodes_own = decode.neuralfitter.loss.PPXYZBLoss
     assert decodes_own.__module__ == "decode.neuralfitter.loss"
     decode_var.register_with_decode()
-    assert decode.neuralfitter.models.VARMultiScale is MODELS["VARMultiScale"]
-    assert decode.neuralfitter.loss.AdaptivePPXYZB is LOSSES["AdaptivePPXYZB"]
-    assert decode.neuralfitter.loss.PPXYZB is LOSSES["PPXYZB"]
+    assert decode.neuralfitter.models.VARMultiScale is get_model("VARMultiScale")
+    assert decode.neuralfitter.loss.AdaptivePPXYZB is get_loss("AdaptivePPXYZB")
+    assert decode.neuralfitter.loss.PPXYZB is get_loss("PPXYZB")
     # a plugin never replaces its host's classes: DECODE's PPXYZBLoss stays DECODE's
     assert decode.neuralfitter.loss.PPXYZBLoss is decodes_own
-    assert decode.neuralfitter.loss.PPXYZBLoss is not LOSSES["PPXYZB"]
+    assert decode.neuralfitter.loss.PPXYZBLoss is not get_loss("PPXYZB")
 
 
 @pytest.mark.decode

@@ -15,8 +15,11 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import warnings
 
+from decode_var import registry
 from decode_var.backend.base import Backend
+from decode_var.backend.builtin import BuiltinBackend
 from decode_var.core.errors import BackendError
 
 INSTALL_HINT = ("DECODE is installed with conda, not pip (PyPI's 'decode' is an unrelated package): "
@@ -67,11 +70,9 @@ def resolve_backend_name(name: str = "auto") -> str:
 @functools.lru_cache(maxsize=None)
 def _make(name: str) -> Backend:
     if name == "decode":
-        from decode_var.backend.decode import DecodeBackend
+        from decode_var.backend.decode import DecodeBackend  # lazy: imports DECODE, optional
 
         return DecodeBackend()
-    from decode_var.backend.builtin import BuiltinBackend
-
     return BuiltinBackend()
 
 
@@ -84,7 +85,7 @@ def register_decode_classes() -> None:
     """Put DECODE's models and losses into :mod:`decode_var.registry` when real DECODE is usable
     (the registry calls this when it first looks a name up)."""
     if decode_available():
-        from decode_var.backend.decode import register_decode_classes as _register
+        from decode_var.backend.decode import register_decode_classes as _register  # lazy: imports DECODE
 
         _register()
 
@@ -92,19 +93,22 @@ def register_decode_classes() -> None:
 def register_with_decode() -> list[str]:
     """Add decode-var's models and losses to ``decode.neuralfitter.models`` / ``.loss``.
 
-    Each class goes in under its registry name (``VARMultiScale``; ``PPXYZB``, ``AdaptivePPXYZB``),
-    the name a param file's ``architecture`` / ``loss_impl`` uses. A name DECODE already defines is
-    never replaced (decode-var's ``PPXYZB`` class is called ``PPXYZBLoss`` in Python; DECODE's
-    ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name in DECODE's namespaces then
-    finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``. Returns the names added.
+    Each class decode-var registers (``registry.models(registry.PACKAGE)``, ``registry.losses(...)``:
+    ``VARMultiScale``; ``PPXYZB``, ``AdaptivePPXYZB``) goes in under its registry name, the name a param
+    file's ``architecture`` / ``loss_impl`` uses; DECODE's own entries and plugins' are not offered.
+    A name DECODE already defines is never replaced (decode-var's ``PPXYZB`` class is called
+    ``PPXYZBLoss`` in Python; DECODE's ``PPXYZBLoss`` stays DECODE's). Code that resolves a class by name
+    in DECODE's namespaces then finds them, e.g. ``getattr(decode.neuralfitter.models, 'VARMultiScale')``.
+    Returns the names added.
     """
     resolve_backend_name("decode")  # clear error when DECODE is not usable
-    from decode_var.backend.decode import decode_namespaces
-    from decode_var.nn import LOSSES, MODELS
+    from decode_var.backend.decode import decode_namespaces  # imports DECODE: only once it is known usable
 
     namespaces = decode_namespaces()
-    return (add_absent(namespaces["decode.neuralfitter.models"], MODELS, "decode.neuralfitter.models")
-            + add_absent(namespaces["decode.neuralfitter.loss"], LOSSES, "decode.neuralfitter.loss"))
+    return (add_absent(namespaces["decode.neuralfitter.models"], registry.models(registry.PACKAGE),
+                       "decode.neuralfitter.models")
+            + add_absent(namespaces["decode.neuralfitter.loss"], registry.losses(registry.PACKAGE),
+                         "decode.neuralfitter.loss"))
 
 
 def add_absent(namespace, entries: dict, where: str) -> list[str]:
@@ -113,8 +117,6 @@ def add_absent(namespace, entries: dict, where: str) -> list[str]:
     A plugin never replaces its host's names: a taken name is left as it is, with a warning naming
     it (unless it already holds the same class, as after a second call). Returns the names added.
     """
-    import warnings
-
     added = []
     for name, cls in entries.items():
         if hasattr(namespace, name):

@@ -6,15 +6,19 @@ Inputs and outputs at the seam stay decode-var's built-in types; conversion happ
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 import decode.evaluation.evaluation as _d_eval
 import decode.neuralfitter.coord_transform as _d_coord
 import decode.neuralfitter.loss as _d_loss
 import decode.neuralfitter.models as _d_models
+from decode.neuralfitter.models import model_param
 import decode.evaluation.match_emittersets as _d_match
 import decode.generic.emitter as _d_emitter
 import decode.neuralfitter.post_processing as _d_post
+import decode.neuralfitter.scale_transform as _d_scale
 import decode.neuralfitter.target_generator as _d_target
 import decode.neuralfitter.weight_generator as _d_weight
 import decode.simulation.camera as _d_camera
@@ -22,9 +26,11 @@ import decode.simulation.psf_kernel as _d_psf
 
 from decode_var.backend.builtin import BuiltinBackend
 from decode_var import registry
+from decode_var.core.atomic import atomic_write
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
 from decode_var.core.scales import Scale
+from decode_var.data.simulation import GaussianPSF, Simulator
 
 _FIELDS = ("prob", "bg", "xyz_cr", "phot_cr", "bg_cr", "xyz_sig", "phot_sig", "bg_sig")
 
@@ -79,8 +85,7 @@ class DecodeBackend(BuiltinBackend):
         sim, var = param.Simulation, param.VAR
         ext = sim.psf_extent
         if var.psf == "spline":
-            import decode.utils.calibration_io as _d_calib
-            from pathlib import Path
+            import decode.utils.calibration_io as _d_calib  # lazy: only spline runs need DECODE's loader
 
             calib = Path(param.InOut.calibration_file)
             if not calib.exists():
@@ -93,16 +98,12 @@ class DecodeBackend(BuiltinBackend):
         g = var.gaussian_psf
         if g.foc_shift != DECODE_GAUSS_FOC_SHIFT or g.rl_range != DECODE_GAUSS_RL_RANGE:
             # DECODE's GaussianPSF has these constants built in; keep the user's PSF instead
-            from decode_var.data.simulation import GaussianPSF
-
             return GaussianPSF.parse(param)
         zext = sim.emitter_extent[2] if g.mode_3d else None
         return _PSFAdapter(_d_psf.GaussianPSF(xextent=ext[0], yextent=ext[1], zextent=zext,
                                               img_shape=sim.img_size, sigma_0=g.sigma_0))
 
     def simulator(self, param):
-        from decode_var.data.simulation import Simulator
-
         sim = Simulator.parse(param, psf=self.psf(param))
         c = param.Camera
         sim.camera = _CameraAdapter(_d_camera.Photon2Camera(
@@ -144,8 +145,6 @@ class DecodeBackend(BuiltinBackend):
         return result
 
     def save_emitters(self, path, em) -> None:
-        from decode_var.core.atomic import atomic_write
-
         atomic_write(path, lambda tmp: self.to_native(em).save(tmp))
 
     def load_emitters(self, path):
@@ -175,8 +174,6 @@ class _MatchAdapter:
 
 def decode_models() -> dict:
     """DECODE's models as ``HyperParameter.architecture`` names them."""
-    from decode.neuralfitter.models import model_param
-
     return {"SigmaMUNet": _d_models.SigmaMUNet, "DoubleMUnet": model_param.DoubleMUnet,
             "SimpleSMLMNet": model_param.SimpleSMLMNet}
 
@@ -200,11 +197,12 @@ class _GaussianMMLoss(_d_loss.GaussianMMLoss):
 
 
 def register_decode_classes() -> None:
-    """Record DECODE's models and losses in :mod:`decode_var.registry` (a built-in name is kept)."""
+    """Record DECODE's models and losses in :mod:`decode_var.registry` (a built-in name is kept), as
+    provided by ``decode``: never offered back to DECODE (:func:`decode_var.backend.register_with_decode`)."""
     for name, cls in decode_models().items():
-        registry.register_model(name)(cls)
+        registry.register_model(name, package="decode")(cls)
     for name, cls in decode_losses().items():
-        registry.register_loss(name)(cls)
+        registry.register_loss(name, package="decode")(cls)
 
 
 def decode_namespaces() -> dict:
@@ -221,8 +219,6 @@ class GMMChain:
     """
 
     def __init__(self, param, backend):
-        import decode.neuralfitter.scale_transform as _d_scale
-
         self.param, self.backend = param, backend
         sim, sc = param.Simulation, param.Scaling
         self.n_max = param.HyperParameter.max_number_targets

@@ -27,8 +27,10 @@ from typing import Union
 
 import yaml
 
+from decode_var.core.atomic import atomic_write_text
 from decode_var.core.errors import ParamError
 from decode_var.core.log import warn
+from decode_var.core.scales import ScaleSchedule
 
 #: Sections in which unknown keys are errors (the plugin owns them).
 STRICT_SECTIONS = ("VAR",)
@@ -618,8 +620,6 @@ def _check_var(param: Param) -> None:
     _check_choice("VAR.backend", var.backend, ("auto", "decode", "builtin"))
     _check_choice("VAR.psf", var.psf, ("gaussian", "spline"))
     _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
-    from decode_var.core.scales import ScaleSchedule
-
     ScaleSchedule(sim.img_size, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
     g = var.gaussian_psf
     for key in ("sigma_0", "rl_range"):
@@ -685,7 +685,5 @@ def _check_var_train(param: Param) -> None:
 
 def save_param(path: Union[str, Path], param: Union[Param, dict]) -> None:
     """Write a param file atomically (a crash leaves the old file or the new one, never half)."""
-    from decode_var.core.atomic import atomic_write_text
-
     data = param.to_dict() if isinstance(param, Param) else param
     atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))

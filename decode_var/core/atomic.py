@@ -19,6 +19,8 @@ import secrets
 import time
 from typing import Callable, Union
 
+import torch
+
 from decode_var.core.outputs import write_failed
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "temporaries",
@@ -83,8 +85,6 @@ def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> pathlib.Pa
 
 def atomic_torch_save(obj, path: Union[str, os.PathLike]) -> pathlib.Path:
     """``torch.save(obj, path)`` atomically (a crash mid-save leaves the previous checkpoint intact)."""
-    import torch
-
     def write(tmp):
         # through a Python file: a full disk is then an OSError (ENOSPC), not torch's "unexpected pos"
         with open(tmp, "wb") as f:

@@ -34,6 +34,7 @@ import math
 import pathlib
 from typing import Optional, Sequence, Union
 
+import h5py
 import numpy as np
 import torch
 
@@ -105,8 +106,6 @@ def save_emitters(path: Union[str, pathlib.Path], em: EmitterSet, source: Option
 
 
 def _write_h5(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> None:
-    import h5py
-
     with h5py.File(tmp, "w") as f:
         m = f.create_group("meta")
         m.attrs["xy_unit"] = meta["xy_unit"]
@@ -195,8 +194,6 @@ def load_source_meta(path: Union[str, pathlib.Path]) -> dict:
     path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
-        import h5py
-
         with h5py.File(path, "r") as f:
             meta = dict(f["decode"].attrs) if "decode" in f else {}
     elif suffix == ".pt":
@@ -252,8 +249,6 @@ def _build(path, data: dict, meta: dict, xy_unit, px_size) -> EmitterSet:
 
 
 def _read_h5(path: pathlib.Path):
-    import h5py
-
     try:
         f = h5py.File(path, "r")
     except OSError as err:

@@ -95,7 +95,7 @@ def load_calibration(path: Union[str, pathlib.Path]) -> SplineCalibration:
         InputDataError: missing or unreadable file, or a file without ``SXY.cspline.{coeff,dz,z0,x0}``, or
             with values of the wrong shape; the message names the file and the field.
     """
-    import scipy.io as sio
+    import scipy.io as sio  # lazy: 0.2 s on every start-up (simulation imports this module), for spline runs only
 
     path = pathlib.Path(path)
     if not path.is_file():
@@ -153,7 +153,7 @@ def load_calibration(path: Union[str, pathlib.Path]) -> SplineCalibration:
 
 def save_calibration(path: Union[str, pathlib.Path], calib: SplineCalibration) -> pathlib.Path:
     """Write ``calib`` in SMAP's structure (``SXY.cspline.{coeff (1 x 1 cell), dz, z0, x0}``), atomically."""
-    import scipy.io as sio
+    import scipy.io as sio  # lazy: as in load_calibration
 
     cell = np.empty((1, 1), dtype=object)
     cell[0, 0] = np.asarray(calib.coeff_XYZ64, dtype=np.float32)
@@ -170,7 +170,7 @@ def gaussian_pixel_model(sigma_0: float = 1.0, foc_shift: float = 250.0, rl_rang
     Returns ``f(dx_px, dy_px, z_nm) -> value`` on broadcastable float64 arrays, ``dx = pixel centre - emitter``
     along x (first image axis): the pixel-integrated Gaussian of ``decode_var.data.simulation.GaussianPSF``.
     """
-    from scipy.special import erf
+    from scipy.special import erf  # lazy: 0.2 s on every start-up; only the calibration CLI needs it
 
     def width(z, sign):
         if not mode_3d:

@@ -20,6 +20,7 @@ import pathlib
 from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
+import tifffile
 import torch
 
 from decode_var.core.errors import InputDataError
@@ -69,8 +70,6 @@ class TiffStack:
 
     def _open(self):
         """(TiffFile, its series), with tifffile's logged errors turned into :class:`InputDataError`."""
-        import tifffile
-
         capture = _LogCapture()
         logger = logging.getLogger("tifffile")
         logger.addHandler(capture)

@@ -20,6 +20,8 @@ import torch
 
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError, ShapeError
+from decode_var.core.scales import ScaleSchedule
+from decode_var.data.targets import frame_grid  # one grid definition for targets and post-processing
 
 __all__ = ["LookUpPostProcessing", "SpatialIntegration", "parse", "bin_centres"]
 
@@ -33,8 +35,6 @@ def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: S
     Returns:
         (ctr_x (img_shape[0],), ctr_y (img_shape[1],)) in input px.
     """
-    from decode_var.data.targets import frame_grid  # one grid definition for targets and post-processing
-
     _, _, ctr_x, ctr_y = frame_grid([int(s) for s in img_shape], xextent, yextent)
     return ctr_x, ctr_y
 
@@ -88,8 +88,6 @@ class LookUpPostProcessing:
         :class:`decode_var.core.scales.Scale`; default: the finest of the param's
         :class:`~decode_var.core.scales.ScaleSchedule`, the one description of every grid)."""
         if scale is None:
-            from decode_var.core.scales import ScaleSchedule
-
             scale = ScaleSchedule.parse(param).finest
         kw = dict(raw_th=param.PostProcessingParam.raw_th, xy_unit="px", px_size=param.Camera.px_size,
                   xextent=scale.xextent, yextent=scale.yextent, img_shape=scale.img_shape)

@@ -22,7 +22,7 @@ ThunderSTORM CSV          column                  image corner: pixel i centred 
   ``frame`` counts from 1. Columns ``"id","frame","x [nm]","y [nm]",("z [nm]",)"sigma [nm]","intensity [photon]",
   "offset [photon]","bkgstd [photon]","uncertainty [nm]"`` (3D: ``uncertainty_xy [nm]``, ``uncertainty_z [nm]``).
 
-Columns a network does not predict are filled, and documented in docs/spline_render_export.md:
+Columns a network does not predict are filled, and documented in docs/formats.md:
 PSF widths (sx, sy, sigma) come from the PSF model of the run at each emitter's z (or a nominal width);
 bkgstd is the Poisson estimate ``sqrt(bg)``. The localization precision (lpx, lpy, lpz, uncertainty) is
 (:func:`localization_precision`) the model's predicted sigma where it gives one; else the CRLB of the run's
@@ -39,20 +39,30 @@ cover every row written.
 """
 from __future__ import annotations
 
+import io
 import math
 import pathlib
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+import h5py
 import numpy as np
 import torch
+import yaml
 
+from decode_var.config.param import load_param
 from decode_var.core.atomic import atomic_write, atomic_write_text
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
 from decode_var.core.log import warn
+from decode_var.core.version import __version__
+from decode_var.data.emitter_io import save_emitters
+from decode_var.data.simulation import astigmatism
+from decode_var.data.spline_psf import SplinePSF, load_calibration
+from decode_var.data.tiff import TiffStack
 from decode_var.evaluation.crlb_scoring import crlb_px
 from decode_var.evaluation.model_card import ModelCard, load_card
+from decode_var.inference.render import render as render_image, save_render
 
 __all__ = ["FORMATS", "export", "save_picasso", "save_thunderstorm", "decode_to_picasso_px",
            "decode_to_thunderstorm_nm", "psf_width_px", "export_paths", "write_fit_outputs", "readable_rows",
@@ -244,7 +254,7 @@ def _crlb_var(param, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np
     if len(phot) <= CRLB_GRID_ABOVE:
         var = crlb_px(param, torch.from_numpy(xyz_px), torch.from_numpy(phot), torch.from_numpy(bg))
         return var[:, :3].double().numpy()
-    from scipy.interpolate import RegularGridInterpolator
+    from scipy.interpolate import RegularGridInterpolator  # lazy: 0.4 s, for large exports only
 
     query = np.column_stack([xyz_px[:, 2], np.log(phot), np.log1p(bg)])
     axes = [np.linspace(lo, hi if hi > lo else lo + 1.0, k)
@@ -272,8 +282,6 @@ def psf_width_px(param, z_nm: np.ndarray) -> np.ndarray:
     if param is None:
         return np.ones((z_nm.size, 2))
     if param.VAR.psf == "spline":
-        from decode_var.data.spline_psf import SplinePSF, load_calibration
-
         calib = load_calibration(param.InOut.calibration_file)
         nx, ny, _ = calib.shape
         psf = SplinePSF((-0.5, nx - 0.5), (-0.5, ny - 0.5), (nx, ny), calib)
@@ -293,8 +301,6 @@ def psf_width_px(param, z_nm: np.ndarray) -> np.ndarray:
     g = param.VAR.gaussian_psf
     if not g.mode_3d:
         return np.full((z_nm.size, 2), float(g.sigma_0))
-    from decode_var.data.simulation import astigmatism
-
     return astigmatism(torch.from_numpy(z_nm), g.sigma_0, g.foc_shift, g.rl_range).numpy()
 
 
@@ -356,8 +362,6 @@ def picasso_table(em: EmitterSet, px_size_nm, width_px: Optional[np.ndarray] = N
 
 def _picasso_info(table: np.ndarray, size: np.ndarray, frame_shape, n_frames, prec: "Precision") -> dict:
     """The yaml's first document: Width, Height (px) and Frames cover every row written."""
-    from decode_var import __version__
-
     shape = (0, 0) if frame_shape is None else (int(frame_shape[0]), int(frame_shape[1]))
     extent = [int(math.ceil(float(table[k].max()) + 0.5)) if len(table) else 1 for k in ("y", "x")]  # rows, cols
     frames = int(n_frames) if n_frames is not None else (int(table["frame"].max()) + 1 if len(table) else 0)
@@ -384,9 +388,6 @@ def save_picasso(path: Union[str, pathlib.Path], em: EmitterSet, frame_shape: Op
         width_px: (E, 2) or (2,) PSF widths along DECODE x, y in px (default: :func:`psf_width_px` of ``param``).
         param: the run's param (PSF model and camera, for the CRLB); card: the model's card (its calibration).
     """
-    import h5py
-    import yaml
-
     path = pathlib.Path(path)
     if path.suffix.lower() not in (".hdf5", ".h5"):
         raise InputDataError(f"A Picasso file must end in .hdf5 (e.g. emitters_locs.hdf5), got {path}.")
@@ -445,8 +446,6 @@ def save_thunderstorm(path: Union[str, pathlib.Path], em: EmitterSet, px_size_nm
 
     Rows no reader can use are dropped with a warning (:func:`readable_rows`); arguments as :func:`save_picasso`.
     """
-    from decode_var import __version__
-
     path = pathlib.Path(path)
     em, size, width, prec = _prepare(em, n_frames, px_size_nm, width_px, param, card,
                                      f"ThunderSTORM export {path.name}")
@@ -458,8 +457,6 @@ def save_thunderstorm(path: Union[str, pathlib.Path], em: EmitterSet, px_size_nm
                 f"uncertainty: {prec.describe(('rows', 'columns', 'z'))}\n")
 
     def write(tmp):
-        import io
-
         with open(tmp, "w", newline="") as f:
             f.write(",".join(f'"{c}"' for c in names) + "\n")
             for s in range(0, len(values), 100_000):
@@ -498,8 +495,6 @@ def export(em: EmitterSet, path: Union[str, pathlib.Path], fmt: str, frame_shape
     if px_size_nm is None and em.px_size is None and param is not None:
         px_size_nm = param.Camera.px_size
     if fmt == "decode":
-        from decode_var.data.emitter_io import save_emitters
-
         return save_emitters(path, em)
     if fmt == "thunderstorm":
         return save_thunderstorm(path, em, px_size_nm, None, None, n_frames, param, card)
@@ -517,9 +512,6 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
 
     Returns the paths written.
     """
-    from decode_var.config.param import load_param
-    from decode_var.data.tiff import TiffStack
-
     param = load_param(param_file)
     stack = TiffStack(frames)
     frame_shape, n_frames = tuple(int(v) for v in stack.shape[1:]), len(stack)
@@ -531,8 +523,6 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
         if fmt != "decode":  # --out itself is DECODE's format
             written.append(export(em, export_paths(out, fmt), fmt, frame_shape, n_frames, None, param, card))
     if render:
-        from decode_var.inference.render import render as render_image, save_render
-
         png = pathlib.Path(out).with_name(pathlib.Path(out).stem + "_render.png")
         try:
             image = render_image(em, frame_shape)

@@ -8,6 +8,7 @@ photons / px offsets / nm / photons per px and post-processed on the finest grid
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -296,8 +297,6 @@ def default_max_memory(device) -> int:
 
 def parse_memory(text: str) -> int:
     """'1.5G', '800MB', '2GiB', '512M' -> bytes (a bare number is MiB)."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
     if not m or float(m.group(1)) <= 0:
         raise InputDataError(f"--max-memory {text!r} is not a memory size; write e.g. 2G, 800MB or 1.5GB.")

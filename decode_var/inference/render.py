@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import tifffile
 import torch
 
 from decode_var.core.atomic import atomic_write
@@ -135,7 +136,7 @@ def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_p
     z_sum = None if z_sum is None else z_sum.reshape(shape_HW)
     used_sigma = 0.0
     if mode == "gaussian":
-        from scipy.ndimage import gaussian_filter
+        from scipy.ndimage import gaussian_filter  # lazy: 0.25 s, and the hist mode does without
 
         if sigma_nm is None:
             prec = _lateral_precision_nm(em, camera_px_nm)
@@ -159,7 +160,7 @@ def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_p
 def to_rgb(r: Render, saturation_percentile: float = 99.5) -> np.ndarray:
     """(H, W, 3) float RGB in [0, 1]: brightness = density (saturated at a percentile of the lit pixels),
     hue = z (turbo) for 3D, 'hot' for 2D."""
-    import matplotlib
+    import matplotlib  # lazy: 0.2 s at the start of decode-var-fit, which writes a render only at the end
 
     lit = r.density_HW[r.density_HW > 0]
     top = float(np.percentile(lit, saturation_percentile)) if lit.size else 1.0
@@ -181,7 +182,7 @@ def _scale_bar_nm(width_nm: float) -> float:
 def save_render(r: Render, png: Union[str, pathlib.Path], tiff: Optional[Union[str, pathlib.Path]] = None,
                 title: Optional[str] = None) -> list[pathlib.Path]:
     """Write the PNG (scale bar, z colour bar for 3D) and the float32 TIFF (default: the PNG's path with .tif)."""
-    import tifffile
+    # lazy: matplotlib's figure costs 0.4 s at the start of decode-var-fit, which writes a render only at the end
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -205,7 +206,7 @@ def save_render(r: Render, png: Union[str, pathlib.Path], tiff: Optional[Union[s
     fig.text(0.01, 1 - 0.2 / fig.get_figheight(), title or f"{r.mode} render, {r.px_nm:g} nm px"
              + (f", sigma {r.sigma_nm:.0f} nm" if r.mode == "gaussian" else ""), fontsize=8, va="center", color="white")
     if r.z_HW is not None:
-        import matplotlib
+        import matplotlib  # lazy: as above
 
         cax = fig.add_axes((1 - 0.9 / fig.get_figwidth(), 0.15, 0.15 / fig.get_figwidth(), 0.7))
         sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(*r.z_range), cmap="turbo")

@@ -8,14 +8,23 @@ the input frame, x = first image axis (the row), as DECODE writes them; frame_ix
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from decode_var.config.param import load_param
+from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
 from decode_var.core.log import warn
+from decode_var.data.emitter_io import save_emitters
+from decode_var.data.tiff import TiffStack, read_blocks, window_indices
+from decode_var.inference.predictor import (Predictor, default_max_memory, parse_memory,
+                                            resolve_model_path)
 
 #: numpy dtype kinds a frame stack may have: unsigned / signed integers and floats.
 FRAME_KINDS = {"u": "unsigned integer", "i": "signed integer", "f": "float"}
@@ -207,12 +216,6 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     outputs are an error naming the frames. The output's metadata records the frames read, fitted and
     excluded and the localizations dropped (:meth:`StackReport.meta`).
     """
-    from decode_var.core.emitters import EmitterSet
-    from decode_var.inference.predictor import Predictor, resolve_model_path
-    from decode_var.config.param import load_param
-    from decode_var.data.emitter_io import save_emitters
-    from decode_var.data.tiff import TiffStack
-
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
         raise InputDataError(f"--out {out} must end in .h5, .csv or .pt (DECODE's emitter formats).")
@@ -237,8 +240,6 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
 
 def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=None) -> int:
     """Windows per batch: an int >= 1 as given, or 'auto' from ``max_memory`` (bytes or '2G')."""
-    from decode_var.inference.predictor import default_max_memory, parse_memory
-
     if max_memory is None:
         budget = default_max_memory(pred.device)
     else:
@@ -269,16 +270,10 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
     reading thread, ``convert``: guards and unit conversion, ``windows``, ``model``, ``post``).
     ``report``: the :class:`StackReport` to fill (default: a new one); its warnings come at the end.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from decode_var.data.tiff import read_blocks
-
     report = report if report is not None else StackReport.for_stack(pred, stack)
     blocks = read_blocks(stack, batch_size, pred.channels_in)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(stack), desc="fitting", unit="frame")
     pool = ThreadPoolExecutor(1) if prefetch else None
     try:
@@ -307,8 +302,6 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
 def _localize_block(pred, item, n_total: int, mask_nonfinite: bool, report: StackReport, clock):
     """The EmitterSets of one block of :func:`read_blocks` ``(b0, b1, lo, block_THW)``: one per run of
     consecutive possible centre frames (impossible ones are not fitted)."""
-    from decode_var.data.tiff import window_indices
-
     b0, b1, lo, block_THW = item
     block_THW = check_block_values(block_THW, lo, mask_nonfinite, bool(pred.param.Camera.convert2photons))
     photons_THW = pred.adu_to_photons(block_THW)
@@ -347,8 +340,6 @@ class _StageClock:
     """Adds the seconds since the previous lap to ``timings[stage]`` (no-op without a dict)."""
 
     def __init__(self, timings: Optional[dict]):
-        import time
-
         self.timings, self._now = timings, time.perf_counter
         self.t = self._now()
 

@@ -28,8 +28,9 @@ multiplied by ``w_k * L / L_k`` and concatenated (``L = sum of L_k over the comp
 
     loss.mean() == sum_k w_k * mean_k(channel-weighted elementwise loss)
 
-The layout of the last forward is kept in :attr:`PPXYZBLoss.last_layout` (scale index, name,
-length, weight per computed scale) and used by :meth:`PPXYZBLoss.log` for the per-scale breakdown.
+The returned tensor is a :class:`LossMap`: it carries its own layout (scale index, name, start,
+length, weight per computed scale), which :meth:`PPXYZBLoss.log` reads for the per-scale breakdown,
+so ``log`` describes the value it is given, whichever forward or loss instance computed it.
 A single tensor (not a list) is scale 0 and gives DECODE's ``(N, 6, H, W)``.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from decode_var.nn.channel_weights import CHANNELS, PRESETS, AdaptiveChannelWeig
 from decode_var.config.param import as_param
 from decode_var.core.errors import CheckpointError, ParamError, ShapeError
 from decode_var.nn.progressive import SCHEDULES, ScaleWeightSchedule, build_schedule
-from decode_var.registry import register_loss
+from decode_var.registry import name_of, register_loss
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,42 @@ class ScaleSlice:
     start: int
     length: int
     weight: float
+
+
+class LossMap(torch.Tensor):
+    """A per-element loss ``(N, 6, ...)`` that carries its layout: one :class:`ScaleSlice` per computed
+    scale in ``scale_slices`` (not ``layout``: that is torch's memory layout of every tensor).
+
+    A result of torch with the same per-sample positions (``torch.cat`` along the batch, as DECODE's
+    test loop does; ``detach``, ``cpu``, a product with a per-element weight) keeps the layout when its
+    inputs agree on it; anything else (a mean, a channel, a slice of positions) is a plain tensor.
+    """
+
+    scale_slices: tuple = ()
+
+    @staticmethod
+    def of(loss: torch.Tensor, layout: Sequence[ScaleSlice]) -> "LossMap":
+        out = loss.as_subclass(LossMap)
+        out.scale_slices = tuple(layout)
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():  # what Tensor.__torch_function__ does: plain maths
+            result = func(*args, **(kwargs or {}))
+            keep = isinstance(result, torch.Tensor) and result.dim() >= 3 and result.size(1) == 6
+            positions = math.prod(result.shape[2:]) if keep else -1
+        layouts = {a.scale_slices for a in _flat(args) if isinstance(a, LossMap)}
+        if len(layouts) == 1:
+            layout = layouts.pop()
+            if positions == sum(s.length for s in layout):
+                return LossMap.of(result, layout)
+        return result
+
+
+def _flat(args) -> list:
+    """The arguments of a torch call, with those inside one level of list or tuple (``torch.cat``)."""
+    return [b for a in args for b in (a if isinstance(a, (list, tuple)) else (a,))]
 
 
 class _SaturatingUpcast(torch.autograd.Function):
@@ -130,7 +167,9 @@ class PPXYZBLoss:
             act as auxiliary losses. Scale weights multiply either.
     """
 
-    registry_name = "PPXYZB"
+    #: Capability read by :class:`decode_var.training.tasks.SixChannelTask`: scale and channel weights
+    #: with an epoch state (``set_epoch``, ``active_scales``, ``update_epoch``, ``state_dict``, ...).
+    scheduled = True
 
     def __init__(self, pos_weight: float = 2.0, xyz_loss: str = "mse", smooth_l1_beta: float = 0.1,
                  channel_weights: str | Sequence[float] = "recommended", n_scales: int = 1,
@@ -161,7 +200,6 @@ class PPXYZBLoss:
         self.epoch: float = 0.0
         self._scale_weights = self.schedule.weights(0)
         self._chw_cache: dict = {}
-        self.last_layout: list[ScaleSlice] | None = None
 
     # ------------------------------------------------------------------ construction from param
     @classmethod
@@ -265,8 +303,9 @@ class PPXYZBLoss:
             # same order of products as DECODE, so the static case matches it bit for bit
             return loss * wgt * self._channel_weight_view(out.device, dtype)
 
-    def forward(self, output: TensorOrList, target: TensorOrList, weight: TensorOrList) -> torch.Tensor:
-        """Per-element loss: ``(N, 6, H, W)`` for single tensors, ``(N, 6, L)`` for per-scale lists.
+    def forward(self, output: TensorOrList, target: TensorOrList, weight: TensorOrList) -> LossMap:
+        """Per-element loss: ``(N, 6, H, W)`` for single tensors, ``(N, 6, L)`` for per-scale lists, as a
+        :class:`LossMap` holding its layout.
 
         Args:
             output: raw model output ``[p_logit, phot, x, y, z, bg]`` per scale, coarse to fine.
@@ -280,9 +319,9 @@ class PPXYZBLoss:
             self._check(outs, tars, wgts)
         if single:
             w0 = self._scale_weights[0]
-            self.last_layout = [ScaleSlice(0, _scale_name(0, outs[0]), 0, outs[0][0, 0].numel(), w0)]
+            layout = [ScaleSlice(0, _scale_name(0, outs[0]), 0, outs[0][0, 0].numel(), w0)]
             loss = self.elementwise(outs[0], tars[0], wgts[0])
-            return loss if w0 == 1.0 else loss * w0
+            return LossMap.of(loss if w0 == 1.0 else loss * w0, layout)
 
         computed = [k for k in range(n) if self._scale_weights[k] > 0]
         if not computed:
@@ -299,8 +338,7 @@ class PPXYZBLoss:
             pieces.append(loss * (w_k * total / norm[k]))
             layout.append(ScaleSlice(k, _scale_name(k, outs[k]), start, lengths[k], w_k))
             start += lengths[k]
-        self.last_layout = layout
-        return torch.cat(pieces, dim=-1)
+        return LossMap.of(torch.cat(pieces, dim=-1), layout)
 
     def _check(self, outs, tars, wgts) -> None:
         if not outs:
@@ -324,17 +362,18 @@ class PPXYZBLoss:
             ``(mean, {'p', 'phot', 'x', 'y', 'z', 'bg': per-channel mean (mean of them = total),
             's{k}': contribution of scale k (they sum to the total), 's{k}_{ch}': its per-channel part})``.
             Values include channel and scale weights, as DECODE reports them. The per-scale keys
-            need the layout of the forward that produced ``loss_val`` (also after ``torch.cat``
-            along the batch dimension, as DECODE's test loop does); a single-tensor loss is scale 0.
+            come from the layout ``loss_val`` carries (a :class:`LossMap` of :meth:`forward`, also
+            after ``torch.cat`` along the batch dimension, as DECODE's test loop does); a plain
+            tensor gives the channel keys only. A single-tensor loss is scale 0.
         """
-        v = loss_val.detach()
+        layout = list(getattr(loss_val, "scale_slices", ()))
+        v = loss_val.detach().as_subclass(torch.Tensor)  # plain tensor maths from here
         flat = v.flatten(2) if v.dim() > 3 else v
         if flat.dim() != 3 or flat.size(1) != 6:
             raise ShapeError(f"log expects the loss of forward, (N, 6, ...); got {tuple(loss_val.shape)}.")
         per_pos = flat.float().mean(0)  # (6, L)
         length = per_pos.size(1)
         rows = [per_pos.mean(1)]
-        layout = self.last_layout
         if layout and sum(s.length for s in layout) == length:
             for s in layout:
                 rows.append(per_pos[:, s.start:s.start + s.length].sum(1) / length)
@@ -384,7 +423,7 @@ class PPXYZBLoss:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain python state (epoch and schedule); safe for ``torch.load(weights_only=True)``."""
-        return {"loss": self.registry_name, "epoch": self.epoch, "schedule": self.schedule.config(),
+        return {"loss": name_of(type(self)), "epoch": self.epoch, "schedule": self.schedule.config(),
                 "channel_weights": list(self._channel_weight_list())}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -417,8 +456,6 @@ class AdaptivePPXYZBLoss(PPXYZBLoss):
         adaptive_up_ratio, adaptive_down_ratio, adaptive_up, adaptive_down: thresholds and factors.
         weight_min, weight_max: bounds on every weight. renormalise: keep the sum of the weights.
     """
-
-    registry_name = "AdaptivePPXYZB"
 
     def __init__(self, *, adaptive: bool = True, adaptive_interval: int = 10, adaptive_window: int = 5,
                  adaptive_up_ratio: float = 0.95, adaptive_down_ratio: float = 0.8, adaptive_up: float = 1.1,
@@ -492,10 +529,6 @@ def unit_weight_loss(prob_output_N6HW: torch.Tensor, target_N6HW: torch.Tensor,
         return (torch.cat((p_loss, rest_loss), 1) * wgt).flatten(1).mean(1)
 
 
-#: Name -> class, for the plugin's loss registry (``HyperParameter.loss_impl``).
-LOSSES = {"PPXYZB": PPXYZBLoss, "AdaptivePPXYZB": AdaptivePPXYZBLoss}
-
-
 # ---------------------------------------------------------------------- helpers
 class _no_autocast:
     """Switch autocast off on ``device`` (float32 maths inside the loss, whatever the caller does)."""
@@ -561,5 +594,5 @@ def _non_negative(key: str, v) -> float:
     return f
 
 
-__all__ = ["PPXYZBLoss", "AdaptivePPXYZBLoss", "unit_weight_loss", "LOSSES", "PRESETS", "SCHEDULES", "ScaleSlice",
+__all__ = ["PPXYZBLoss", "AdaptivePPXYZBLoss", "unit_weight_loss", "PRESETS", "SCHEDULES", "ScaleSlice", "LossMap",
            "EPS"]

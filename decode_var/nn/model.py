@@ -97,6 +97,10 @@ class VARMultiScale(nn.Module):
         seed: seeds the teacher-forcing coin (``tf_generator``); None = the global torch RNG.
     """
 
+    #: Capability read by :func:`decode_var.training.tasks.is_progressive`: the train-mode forward takes
+    #: ``targets`` and ``n_active``; :meth:`set_epoch`, ``teacher_forcing`` and :meth:`seed_coins` exist.
+    progressive = True
+
     def __init__(self, channels_in: int, schedule: ScaleSchedule, *, features: int = 48, token_dim: int = 96,
                  depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0, token_max_factor: float = 0.25,
                  window: int = 8, conditioning: str = "next_scale", teacher_forcing: float = 1.0,
@@ -220,6 +224,11 @@ class VARMultiScale(nn.Module):
                    activation=activation, seed=int(var.seed))
 
     # ------------------------------------------------------------------ teacher forcing
+    def predicted_factors(self) -> list[float]:
+        """Factors of the scales this instance predicts, coarse to fine: ``VAR.scales``, or the finest one
+        only for ``conditioning='single'`` (what the targets and the loss must be built for)."""
+        return list(self.schedule.factors)
+
     def teacher_forcing_at(self, epoch: float) -> float:
         """Teacher-forcing probability of the schedule at ``epoch`` (linear ramp, then constant)."""
         start, end, epochs = self.tf_schedule
@@ -433,6 +442,3 @@ def default_p_init(emitter_av, schedule: ScaleSchedule) -> float:
         emitter_av = sum(emitter_av) / len(emitter_av)
     cells = schedule.finest.img_shape[0] * schedule.finest.img_shape[1]
     return -math.expm1(-float(emitter_av) / cells) if emitter_av else 0.01
-
-
-MODELS = {"VARMultiScale": VARMultiScale}

@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from decode_var.core.errors import DecodeVarError
+from decode_var.core.errors import DecodeVarError, ParamError
 from decode_var.core.seeds import derive_seed
 
 #: Default of ``VAR.train.ddp_timeout``: seconds a rank waits for the others in a collective.
@@ -114,8 +117,6 @@ class DistContext:
         """Element-wise sum or max over the ranks, in float64; the same list on every rank."""
         if not self.active:
             return [float(v) for v in values]
-        import torch.distributed as dist
-
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         return t.cpu().tolist()
@@ -128,8 +129,6 @@ class DistContext:
         """``obj`` of rank ``src`` on every rank (pickled; only for objects this program made)."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src, device=self.comm_device)
         return box[0]
@@ -142,8 +141,6 @@ class DistContext:
         """
         if not self.active:
             return fn()
-        import pickle
-
         result, error, sent = None, None, None
         if self.is_main:
             try:
@@ -204,8 +201,6 @@ def launched_distributed() -> bool:
 
 def choose_backend(device: str) -> str:
     """NCCL for CUDA devices when PyTorch has it, gloo otherwise (CPUs)."""
-    import torch.distributed as dist
-
     if str(device).startswith("cuda") and torch.cuda.is_available() and dist.is_nccl_available():
         return "nccl"
     return "gloo"
@@ -216,10 +211,6 @@ def init_from_env(device: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Di
 
     A CUDA device becomes ``cuda:LOCAL_RANK``: one GPU per process.
     """
-    import torch.distributed as dist
-
-    from decode_var.core.errors import ParamError
-
     if not dist.is_available():
         raise DecodeVarError("this PyTorch build has no torch.distributed; install a standard PyTorch build "
                              "or train in one process (without torchrun).")
@@ -264,8 +255,6 @@ def current() -> Optional[DistContext]:
 def shutdown_owned() -> None:
     """Leave the process group if :func:`init_from_env` made it (every rank, at the end or after an error)."""
     global _current, _owned
-    import torch.distributed as dist
-
     if _owned and dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -280,16 +269,12 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     ``find_unused_parameters``: the progressive schedule computes only the active scales and teacher
     forcing can skip the conditioning path, so a step need not use every parameter.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     device_ids = [ctx.local_rank] if ctx.backend == "nccl" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
 def is_comm_error(err: BaseException) -> bool:
     """Whether ``err`` comes from the communication layer (a lost or hung peer), not from the computation."""
-    import torch.distributed as dist
-
     if isinstance(err, getattr(dist, "DistError", ())):
         return True
     if not isinstance(err, RuntimeError):

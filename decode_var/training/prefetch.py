@@ -40,6 +40,8 @@ import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import torch
+
 _DONE = object()
 
 
@@ -81,8 +83,6 @@ class Prefetcher:
     def _produce(self) -> None:
         try:
             if self.threads is not None:
-                import torch
-
                 torch.set_num_threads(int(self.threads))
             for step in self.steps:
                 if self._stop.is_set():

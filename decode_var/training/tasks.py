@@ -7,7 +7,10 @@
   target and output chain from :meth:`decode_var.backend.base.Backend.gmm_chain`.
 
 A loss class chooses its task with a class attribute ``task`` (``"six_channel"``, the default, or
-``"gmm"``). Units: ``physical_output`` returns photons, px offsets from the cell centre, nm and
+``"gmm"``). The rest is asked of capabilities, never of types, each with the default of a model or loss
+that lacks it (DECODE's, a plugin's): a model with ``progressive`` (:func:`is_progressive`) and
+``predicted_factors()`` (:func:`param_for_model_scales`); a loss with ``scheduled`` (:func:`is_scheduled`).
+Units: ``physical_output`` returns photons, px offsets from the cell centre, nm and
 photons / px; everything the model sees or returns inside a step is in network units (see
 :class:`decode_var.data.targets.TargetRescale`).
 """
@@ -18,11 +21,27 @@ from typing import Optional
 
 import torch
 
+from decode_var.config.param import param_from_dict
 from decode_var.core.channels import CHANNELS
 from decode_var.core.scales import ScaleSchedule
 from decode_var.data.targets import MultiScaleTargets, TargetRescale
-from decode_var.nn.loss import PPXYZBLoss, unit_weight_loss
-from decode_var.nn.model import VARMultiScale
+from decode_var.nn.loss import unit_weight_loss
+
+
+def is_progressive(model) -> bool:
+    """``model.progressive`` (:class:`~decode_var.nn.model.VARMultiScale`): in training its forward takes
+    ``targets`` and ``n_active`` and returns one raw map per active scale, coarse to fine, and it has
+    ``set_epoch(epoch)``, a ``teacher_forcing`` probability and ``seed_coins(seed)``. Without it (DECODE's
+    models, a plugin's) the model is called as DECODE calls it, ``model(frames)``."""
+    return bool(getattr(model, "progressive", False))
+
+
+def is_scheduled(loss) -> bool:
+    """``loss.scheduled`` (:class:`~decode_var.nn.loss.PPXYZBLoss`): scale and channel weights with an epoch
+    state: ``set_epoch``, ``active_scales``, ``update_epoch``, ``channel_weights``, ``scale_weights``,
+    ``state_dict`` / ``load_state_dict`` and ``nonfinite_report(output, target, weight)``. Without it
+    (DECODE's losses) the loss is DECODE's ``forward`` + ``log`` and nothing else."""
+    return bool(getattr(loss, "scheduled", False))
 
 
 class Task(ABC):
@@ -105,7 +124,7 @@ class Task(ABC):
 
     def test_loss_mode(self):
         """Context of the test loss: teacher forcing off (the model conditions on its own predictions)."""
-        return _TeacherForcingOff(self.model if isinstance(self.model, VARMultiScale) else None)
+        return _TeacherForcingOff(self.model if is_progressive(self.model) else None)
 
 
 class SixChannelTask(Task):
@@ -118,16 +137,19 @@ class SixChannelTask(Task):
         self.targets = MultiScaleTargets.parse(param, backend)
         self.rescale = TargetRescale.parse(param)
         self.post = backend.post_processing(param, self.schedule.finest)
-        self.progressive = isinstance(model, VARMultiScale)  # teacher forcing, coins, scale outputs
-        self.scheduled = isinstance(loss, PPXYZBLoss)  # scale and channel weights with a state
+        self.progressive = is_progressive(model)  # teacher forcing, coins, scale outputs
+        self.scheduled = is_scheduled(loss)  # scale and channel weights with a state
 
     def make_targets(self, batch, n):
         return self.targets(batch.em, batch.bg_NHW, n)
 
     def train_forward(self, frames, tgt, model=None):
         targets, weights = tgt
-        n_active = self.active_scales
-        out = (model or self.model)(frames, targets=targets[:n_active], n_active=n_active)
+        if self.progressive:
+            n_active = self.active_scales
+            out = (model or self.model)(frames, targets=targets[:n_active], n_active=n_active)
+        else:  # as DECODE calls a model: frames only
+            out = (model or self.model)(frames)
         return self.loss(out, targets, weights), out
 
     def to_physical(self, out) -> torch.Tensor:
@@ -150,7 +172,8 @@ class SixChannelTask(Task):
     def nonfinite_report(self, out, tgt):
         if not self.scheduled:
             return super().nonfinite_report(out, tgt)
-        return self.loss.nonfinite_report(out, tgt[0][:len(out)], tgt[1][:len(out)])
+        n = len(out) if isinstance(out, (list, tuple)) else 1  # scales computed
+        return self.loss.nonfinite_report(out, tgt[0][:n], tgt[1][:n])
 
     def start_epoch(self, epoch: int) -> float:
         if self.scheduled:
@@ -220,13 +243,14 @@ def make_task(param, backend, model, loss) -> Task:
 
 
 def param_for_model_scales(param, model):
-    """The param with VAR.scales as the model predicts them (an ablation may predict fewer scales)."""
-    if not isinstance(model, VARMultiScale) or list(model.schedule.factors) == [float(f) for f in param.VAR.scales]:
+    """The param with VAR.scales as the model predicts them, ``model.predicted_factors()`` (an ablation may
+    predict fewer scales); a model without that capability predicts VAR.scales."""
+    predicted = getattr(model, "predicted_factors", None)
+    factors = None if predicted is None else [float(f) for f in predicted()]
+    if factors is None or factors == [float(f) for f in param.VAR.scales]:
         return param
-    from decode_var.config.param import param_from_dict
-
     data = param.to_dict()
-    data["VAR"]["scales"] = list(model.schedule.factors)
+    data["VAR"]["scales"] = factors
     return param_from_dict(data)
 
 
