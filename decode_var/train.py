@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import shlex
 import socket
 import sys
 from pathlib import Path
@@ -19,10 +21,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from decode_var.config.param import load_param, save_param
+from decode_var.core.atomic import atomic_write_bytes
 from decode_var.core.devices import check_device, parse_device
 from decode_var.core.errors import DecodeVarError, ParamError, exit_status
 from decode_var.core.log import note, warn
 from decode_var.core.outputs import check_output_folder
+from decode_var.training import distributed
+from decode_var.training.checkpoint import load_checkpoint, load_model_weights
+from decode_var.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -41,14 +48,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow arbitrary unpickling for InOut.model_init (only for files you trust)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and epoch lines")
+    p.add_argument("--minutes", type=_positive_minutes, default=None, metavar="N",
+                   help="train for N minutes of wall-clock time: the epochs (and the learning-rate decay) are "
+                        "set from the first epoch's time, instead of HyperParameter.epochs")
     return p.parse_args(argv)
 
 
 def setup_experiment(param_file: Path, param, debug: bool, comment: Optional[str]) -> tuple[Path, bool]:
     """(experiment folder, resuming?). Never overwrites an existing experiment."""
-    from decode_var.core.atomic import atomic_write_bytes
-    from decode_var.config.param import save_param
-
     ckpt = param.InOut.checkpoint_init
     if ckpt:
         exp = Path(ckpt).parent
@@ -96,17 +103,17 @@ def experiment_parent(param) -> tuple[Path, str]:
 
 def train(param_file, device: Optional[str] = None, debug: bool = False, no_log: bool = False,
           num_worker_override: Optional[int] = None, log_folder: str = "runs", log_comment: Optional[str] = None,
-          trust_pickle: bool = False, progress: bool = True, overrides: Optional[dict] = None):
+          trust_pickle: bool = False, progress: bool = True, overrides: Optional[dict] = None,
+          minutes: Optional[float] = None):
     """Programmatic entry point; returns the :class:`~decode_var.training.trainer.Trainer` after training.
+    ``minutes``: train for this wall-clock budget (:meth:`Trainer.fit`) instead of ``HyperParameter.epochs``.
 
     Launched by torchrun with ``WORLD_SIZE > 1``, every rank joins the process group and trains one
     model with DDP (see :mod:`decode_var.training.distributed`); the group is left again at the end.
     """
-    from decode_var.training import distributed
-
     try:
         return _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle,
-                      progress, overrides)
+                      progress, overrides, minutes)
     except RuntimeError as err:
         ctx = distributed.current()
         if ctx is not None and not isinstance(err, DecodeVarError) and distributed.is_comm_error(err):
@@ -129,6 +136,16 @@ def check_num_workers(n: int) -> None:
                          "in the training process, seeded by (VAR.seed, epoch, step), so that a run and its resume "
                          "are bit for bit the same; simulation in DataLoader workers is not built. Leave out -w "
                          "(or pass -w 0).")
+
+
+def _positive_minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--minutes must be a number of minutes > 0, got {text!r}")
+    return value
 
 
 def apply_flags(param, debug: bool, num_worker_override: Optional[int]):
@@ -154,12 +171,7 @@ def training_device(device: str) -> str:
 
 
 def _train(param_file, device, debug, no_log, num_worker_override, log_folder, log_comment, trust_pickle, progress,
-           overrides):
-    from decode_var.training import distributed
-    from decode_var.training.checkpoint import load_checkpoint, load_model_weights
-    from decode_var.training.trainer import Trainer
-    from decode_var.config.param import load_param
-
+           overrides, minutes=None):
     param_file = Path(param_file)
     param = apply_flags(load_param(param_file, overrides=overrides), debug, num_worker_override)
     device = training_device(device or param.Hardware.device)
@@ -203,7 +215,7 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
         note(f"experiment {exp}  backend {trainer.backend.name}  model {param.HyperParameter.architecture}  "
              f"loss {param.HyperParameter.loss_impl}  device {device}{where}")
     try:
-        trainer.fit()
+        trainer.fit(minutes=minutes)
     except RuntimeError as err:
         if ctx is not None and not isinstance(err, DecodeVarError) and distributed.is_comm_error(err):
             raise ctx.lost_contact(err, exp) from err
@@ -217,13 +229,12 @@ def _train(param_file, device, debug, no_log, num_worker_override, log_folder, l
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status: 0 done, 2 user error (message names the fix), 3 diverged, 130 stopped by a signal."""
-    from decode_var.training.trainer import TrainingDiverged, TrainingInterrupted
-
     args = parse_args(argv)
     try:
         overrides = {"InOut": {"checkpoint_init": args.resume}} if args.resume else None
         train(args.param_file, args.device, args.debug, args.no_log, args.num_worker_override, args.log_folder,
-              args.log_comment, args.trust_pickle, progress=not args.no_progress, overrides=overrides)
+              args.log_comment, args.trust_pickle, progress=not args.no_progress, overrides=overrides,
+              minutes=args.minutes)
     except TrainingInterrupted as err:
         print(f"decode-var-train: {err}.", file=sys.stderr)
         print(_resume_hint(args, err), file=sys.stderr)
@@ -241,9 +252,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _resume_hint(args, err) -> str:
     """The exact command that resumes the interrupted run (same program, flags and device)."""
-    import os
-    import shlex
-
     exp = getattr(err, "exp_dir", None)
     if exp is None:
         return "Resume with:\n  decode-var-train -p <experiment>/param_run.yaml --resume <experiment>/ckpt.pt"

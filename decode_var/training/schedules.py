@@ -6,6 +6,7 @@ the scale-weight schedules to the loss, :mod:`decode_var.nn.progressive`.)
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -36,10 +37,18 @@ class WarmupCosine:
         self.last_epoch += 1
         self._apply()
 
+    def set_epochs(self, epochs: int) -> None:
+        """Stretch or shrink the decay to end at ``epochs`` (a time budget's plan, :class:`TimeBudget`); the
+        current epoch's learning rate is recomputed."""
+        self.epochs = max(int(epochs), 1)
+        self._apply()
+
     def state_dict(self):
         return {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state):
+        # the length of the decay is the param's (a resume may extend a run) or a time budget's plan, which
+        # the trainer keeps and sets again (set_epochs)
         self.last_epoch = int(state["last_epoch"])
         self.base_lrs = list(state["base_lrs"])
         self._apply()
@@ -73,3 +82,44 @@ def grad_clip_norm(param) -> float:
         return DECODE_GRAD_MOD_NORM
     clip = param.VAR.train.grad_clip
     return clip if clip > 0 else float("inf")
+
+
+class TimeBudget:
+    """Training for a wall-clock budget (``decode-var-train --minutes N``): the number of epochs, and with
+    it the length of the cosine decay, from the time the first epochs take.
+
+    The clock starts when the budget is made (the start of :meth:`Trainer.fit`): start-up, the test set
+    and every epoch's evaluation count. After the first epoch of a run, :meth:`plan` returns how many
+    epochs in all fit the budget at the mean time per epoch so far (at least the epochs done); after
+    later epochs, :meth:`fits_another` says whether one more epoch still fits, so that a run whose epochs
+    slow down stops in time (with its model saved) rather than overrun.
+
+    Args:
+        minutes: the budget, wall-clock minutes (> 0).
+        clock: seconds, monotonic (``time.monotonic``; tests pass a fake one).
+    """
+
+    def __init__(self, minutes: float, clock=None):
+        if not minutes or minutes <= 0:
+            raise ValueError(f"a time budget must be > 0 minutes, got {minutes!r}")
+        self.seconds = 60.0 * float(minutes)
+        self.clock = clock or time.monotonic
+        self.start = self.clock()
+        self.epochs_run = 0
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def epoch_done(self) -> None:
+        self.epochs_run += 1
+
+    def mean_epoch(self) -> float:
+        return self.elapsed() / max(self.epochs_run, 1)
+
+    def plan(self, epochs_done: int) -> int:
+        """Epochs in all (``epochs_done`` of them already trained) that fit the budget."""
+        more = int((self.seconds - self.elapsed()) // self.mean_epoch())
+        return max(epochs_done + max(more, 0), max(epochs_done, 1))
+
+    def fits_another(self) -> bool:
+        return self.elapsed() + self.mean_epoch() <= self.seconds

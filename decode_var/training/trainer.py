@@ -17,28 +17,34 @@ loss state (adaptive weights, schedule) and history, so 2 + 2 epochs give the we
 """
 from __future__ import annotations
 
+import gc
 import json
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from decode_var.backend import get_backend
+from decode_var.core.atomic import atomic_write_text
 from decode_var.core.channels import CHANNELS
 from decode_var.core.errors import CheckpointError, DecodeVarError
-from decode_var.core.log import warn
+from decode_var.core.log import note, warn
 from decode_var.core.seeds import derive_seed
 from decode_var.data.simulation import FrameScale
 from decode_var.evaluation.crlb_scoring import precision_calibration
 from decode_var.evaluation.protocol import ground_truth, score, test_set_seed, test_set_size
 from decode_var.evaluation.model_card import update_card
+from decode_var.evaluation.plots import plot_training_curves
 from decode_var.registry import build_loss, build_model
 from decode_var.training import checkpoint as ckpt_io
-from decode_var.training.distributed import SingleProcess
-from decode_var.training.schedules import build_lr_scheduler, grad_clip_norm, step_lr_scheduler
+from decode_var.training.distributed import SingleProcess, wrap_model
+from decode_var.training.prefetch import Prefetcher
+from decode_var.training.schedules import TimeBudget, build_lr_scheduler, grad_clip_norm, step_lr_scheduler
 from decode_var.training.tasks import component_vector, make_task, param_for_model_scales
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "EpochLog", "derive_seed"]
@@ -148,6 +154,8 @@ class Trainer:
         self.nonfinite_total = 0
         self._stop_requested = 0
         self._partial: Optional[dict] = None  # progress inside an epoch, for a mid-epoch checkpoint
+        #: the epochs a time budget planned (fit(minutes=...)); kept in the checkpoint
+        self.planned_epochs: Optional[int] = None
         self._test = None
         #: (precision calibration, epochs trained) of the latest test-set evaluation, for the model card
         self._card_calibration: tuple = (None, None)
@@ -158,7 +166,7 @@ class Trainer:
     def open_tensorboard(self, tb_dir: Path) -> None:
         """TensorBoard logging (DECODE's logger) when the tensorboard package is installed."""
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: TensorBoard is optional and slow to import
 
             self.tb = SummaryWriter(log_dir=str(tb_dir))
         except Exception:  # tensorboard is optional
@@ -176,6 +184,7 @@ class Trainer:
             "history": self.history,
             "nonfinite_total": self.nonfinite_total,
             "partial_epoch": self._partial,
+            "planned_epochs": self.planned_epochs,
             "param": self.param.to_dict(),
         }
 
@@ -191,6 +200,9 @@ class Trainer:
                 "and the optimiser must match).") from None
         self.task.load_loss_state(state.get("loss") or {})
         self.epoch = int(state["epoch"])
+        self.planned_epochs = state.get("planned_epochs")
+        if self.planned_epochs and hasattr(self.lr_scheduler, "set_epochs"):
+            self.lr_scheduler.set_epochs(self.planned_epochs)
         self.history = list(state.get("history", []))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self._partial = state.get("partial_epoch")
@@ -223,12 +235,17 @@ class Trainer:
         return self._test
 
     # ------------------------------------------------------------------------------ loop
-    def fit(self, epochs: Optional[int] = None) -> list[dict]:
-        """Train until ``epochs`` (default ``HyperParameter.epochs``) have been completed."""
-        epochs = self.param.HyperParameter.epochs if epochs is None else epochs
-        if self.proc.active and self._ddp is None:
-            from decode_var.training.distributed import wrap_model
+    def fit(self, epochs: Optional[int] = None, minutes: Optional[float] = None, clock=None) -> list[dict]:
+        """Train until ``epochs`` (default ``HyperParameter.epochs``) have been completed.
 
+        ``minutes``: a wall-clock budget instead (:class:`~decode_var.training.schedules.TimeBudget`): after
+        the first epoch the number of epochs, and the cosine decay with it, is set to what fits; the plan is
+        kept in the checkpoint, so a resumed run ends where it was planned to. A later epoch that would
+        overrun the budget is not started. ``clock``: the budget's clock (tests).
+        """
+        epochs = self.planned_epochs or (self.param.HyperParameter.epochs if epochs is None else epochs)
+        budget = TimeBudget(minutes, clock) if minutes else None
+        if self.proc.active and self._ddp is None:
             self._ddp = wrap_model(self.model, self.proc)  # after any resume: starts from rank 0's weights
         if self.history and self.log_enabled:
             # a run killed between its checkpoint and its log files leaves them one epoch behind: the
@@ -239,12 +256,34 @@ class Trainer:
                 entry = self.train_epoch()
                 self.history.append(entry)
                 self.epoch += 1
+                if budget is not None:
+                    epochs = self._follow_budget(budget, epochs)
                 self.save()
                 self._log_epoch(entry)
                 # a stop that arrives during the last epoch changes nothing: the run is complete
                 if self.epoch < epochs and self._any_rank(self._stop_requested):
                     raise TrainingInterrupted(f"stopped after epoch {self.epoch}; checkpoint written", self.exp_dir)
         return self.history
+
+    def _follow_budget(self, budget: TimeBudget, epochs: int) -> int:
+        """The epochs to train in all after one more epoch under ``budget``: planned once per run (rank 0's
+        plan for every rank), then cut short where the next epoch would overrun."""
+        budget.epoch_done()
+        if self.planned_epochs is None:
+            planned = self.proc.broadcast(budget.plan(self.epoch))
+            self.planned_epochs = planned
+            if hasattr(self.lr_scheduler, "set_epochs"):
+                self.lr_scheduler.set_epochs(planned)
+            if self.proc.is_main:
+                note(f"time budget {budget.seconds / 60:g} min: {budget.mean_epoch():.0f} s per epoch, "
+                     f"{planned} epochs in all")
+            return planned
+        if self.epoch < epochs and not self.proc.broadcast(budget.fits_another()):
+            if self.proc.is_main:
+                note(f"time budget {budget.seconds / 60:g} min: stopping after epoch {self.epoch} of {epochs} "
+                     f"({budget.elapsed():.0f} s spent, {budget.mean_epoch():.0f} s per epoch)")
+            return self.epoch
+        return epochs
 
     def train_epoch(self) -> dict:
         """One epoch (or the rest of one, after a mid-epoch resume). Returns its history entry."""
@@ -280,8 +319,6 @@ class Trainer:
             return self.batch(bs, self.step_data_seed(step))[1:]
 
         if self.prefetch:
-            from decode_var.training.prefetch import Prefetcher
-
             return Prefetcher(make, steps)
         return _Sequential(make, steps)
 
@@ -376,8 +413,6 @@ class Trainer:
     def release_ddp(self) -> None:
         """Drop the DDP wrapper (before the process group ends); the trainer stays usable in this process."""
         if self._ddp is not None:
-            import gc
-
             self._ddp = None
             gc.collect()
 
@@ -446,12 +481,8 @@ class Trainer:
 
     def _write_history(self) -> None:
         """history.json and training_curves.png from ``self.history`` (the checkpoint's, after a resume)."""
-        from decode_var.core.atomic import atomic_write_text
-
         atomic_write_text(self.exp_dir / "history.json", json.dumps(self.history, indent=1, default=float))
         if self.param.VAR.train.plot:
-            from decode_var.evaluation.plots import plot_training_curves
-
             plot_training_curves(self.history, self.exp_dir / "training_curves.png")
 
 
@@ -474,8 +505,6 @@ def _slice(tgt, sl):
 def _progress(it, desc, enabled, total=None):
     if not enabled:
         return it
-    from tqdm import tqdm
-
     return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, total=total)
 
 
@@ -515,8 +544,6 @@ class _graceful_stop:
                                   self.trainer.exp_dir, immediate=True)
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
