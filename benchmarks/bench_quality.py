@@ -161,7 +161,7 @@ def final_metrics(trainer, threads: int) -> tuple[dict, dict]:
     from decode_var.eval_cli import simulated_test_set
     from decode_var.evaluation.protocol import score
 
-    frames, gt = simulated_test_set(trainer.param, trainer.backend)
+    frames, gt = simulated_test_set(trainer.param, trainer.simulator)
     x = trainer.frame_scale(frames)
     trainer.model.eval()
     t0 = time.process_time()
@@ -181,7 +181,7 @@ def shared_pixel_share(param) -> dict:
     from decode_var.backend import get_backend
     from decode_var.eval_cli import simulated_test_set
 
-    _, gt = simulated_test_set(param, get_backend(param.VAR.backend))
+    _, gt = simulated_test_set(param, get_backend(param.VAR.backend).simulator(param))
     if not len(gt):
         return {"emitters": 0, "per_frame": 0.0, "shared_pixel": math.nan}
     pix = torch.floor(gt.xyz_px[:, :2] + 0.5).long()  # input pixel i spans [i - 0.5, i + 0.5)

@@ -49,9 +49,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def simulated_test_set(param, backend, n: Optional[int] = None):
-    """(frames_NCHW in photons, ground truth) of the protocol's seeded test set (the set training reports on)."""
-    batch = simulate_test_set(backend.simulator(param), param, n)
+def simulated_test_set(param, simulator, n: Optional[int] = None):
+    """(frames_NCHW in photons, ground truth) of the protocol's seeded test set (the set training reports on),
+    made by ``simulator`` (the run's, :attr:`Components.simulator`)."""
+    batch = simulate_test_set(simulator, param, n)
     return batch.frames_NCHW, ground_truth(param, batch)
 
 
@@ -62,7 +63,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     pred = Predictor(param, resolve_model_path(model), device, trusted)
     out = Path(out)
     if frames is None:
-        frames_NCHW, gt = simulated_test_set(param, pred.backend, n)
+        frames_NCHW, gt = simulated_test_set(param, pred.parts.simulator, n)
         em_out = pred.predict(frames_NCHW)
         frame_hw = tuple(frames_NCHW.shape[-2:])
         centre = frames_NCHW.size(1) // 2  # each sample's own frame within its temporal window
@@ -85,7 +86,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     if gt is not None:
         if gt.px_size is None:
             gt.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-        metrics, matched = score(param, pred.backend, pred.backend.matcher(param), em_out, gt)
+        metrics, matched = score(param, pred.backend, pred.parts.matcher, em_out, gt)
         if frames is None:  # the model's own seeded test set: its card's precision calibration (issue 27)
             refresh_card(resolve_model_path(model), param, metrics)
         if report:

@@ -14,7 +14,8 @@ from decode_var.nn.model import VARMultiScale
 from decode_var.nn.blocks import (RefineStage, ScaleTransformer, WindowLayout, recentre, recentre_upsample,
                                      resample, upsample_cells)
 from decode_var.core.scales import ScaleSchedule
-from decode_var.training.tasks import param_for_model_scales
+from decode_var.training.components import build
+from decode_var.training.tasks import scale_factors
 
 FACTORS = [0.25, 0.5, 1.0, 2.0]
 TINY = dict(features=4, token_dim=8, depth=1, heads=2, window=2)
@@ -73,9 +74,12 @@ def test_the_single_ablation_says_which_scale_it_predicts():
     param = make_param(conditioning="single")
     m = VARMultiScale.parse(param)
     assert m.predicted_factors() == [1.0] and m.progressive
-    assert list(param_for_model_scales(param, m).VAR.scales) == [1.0]
+    assert scale_factors(param, m) == [1.0]
+    parts = build(param)  # the ablation is built, its param untouched: targets and loss for its one scale
+    assert list(param.VAR.scales) == [0.25, 0.5, 1.0] and parts.schedule.factors == (1.0,)
+    assert parts.loss.n_scales == 1 and len(parts.task.targets.schedule) == 1
     full = make_param()
-    assert param_for_model_scales(full, VARMultiScale.parse(full)) is full
+    assert scale_factors(full, VARMultiScale.parse(full)) == [float(f) for f in full.VAR.scales]
 
 
 def test_wrong_channel_count_is_a_shape_error():

@@ -10,7 +10,7 @@ from decode_var import registry
 from decode_var.backend import get_backend
 from decode_var.config.param import load_param
 from decode_var.train import train
-from decode_var.training.tasks import make_task, param_for_model_scales
+from decode_var.training.tasks import make_task, scale_factors
 
 from test_train import TINY, write_param
 
@@ -84,7 +84,7 @@ class DuckProgressive(torch.nn.Module):
 def test_the_task_asks_capabilities_not_types(tmp_path):
     param = load_param(write_param(tmp_path))  # VAR.scales 0.25, 0.5, 1
     model = DuckProgressive()
-    loss = registry.build_loss(param_for_model_scales(param, model))
+    loss = registry.get_loss(param.HyperParameter.loss_impl).parse(param, factors=scale_factors(param, model))
     task = make_task(param, get_backend("builtin"), model, loss)
     assert task.schedule.factors == (0.5, 1.0) and loss.n_scales == 2  # VAR.scales as the model predicts them
     assert task.start_epoch(2) == 0.5  # the model's own schedule, read back

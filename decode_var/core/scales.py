@@ -103,10 +103,11 @@ class ScaleSchedule:
         self.xextent, self.yextent = xextent, yextent
 
     @classmethod
-    def parse(cls, param) -> "ScaleSchedule":
-        """Build from a loaded param (``Simulation.img_size``, ``Simulation.psf_extent``, ``VAR.scales``)."""
+    def parse(cls, param, factors: Sequence[float] | None = None) -> "ScaleSchedule":
+        """Build from a loaded param (``Simulation.img_size``, ``Simulation.psf_extent``) and ``factors``
+        (default ``VAR.scales``; a model's own, :func:`decode_var.training.tasks.scale_factors`)."""
         ext = param.Simulation.psf_extent
-        return cls(param.Simulation.img_size, param.VAR.scales,
+        return cls(param.Simulation.img_size, param.VAR.scales if factors is None else factors,
                    xextent=ext[0] if ext else None, yextent=ext[1] if ext else None)
 
     def __len__(self) -> int:

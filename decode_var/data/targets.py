@@ -247,8 +247,9 @@ class MultiScaleTargets:
         self._gens = [(backend.target_generator(s, roi_size), backend.weight_generator(s, roi_size)) for s in schedule]
 
     @classmethod
-    def parse(cls, param, backend):
-        return cls(ScaleSchedule.parse(param), backend, param.HyperParameter.target_roi_size,
+    def parse(cls, param, backend, schedule: Optional[ScaleSchedule] = None):
+        """From the param; ``schedule``: the scales to make targets for (default: ``VAR.scales``'s)."""
+        return cls(schedule or ScaleSchedule.parse(param), backend, param.HyperParameter.target_roi_size,
                    rescale=TargetRescale.parse(param), photon_min=param.HyperParameter.emitter_label_photon_min)
 
     def forward(self, em: EmitterSet, bg_NHW: torch.Tensor, n_frames: int):

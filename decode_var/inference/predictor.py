@@ -14,15 +14,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from decode_var.backend import get_backend
 from decode_var.training.checkpoint import load_model_weights
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError, ShapeError
 from decode_var.core.scales import Scale, ScaleSchedule
-from decode_var.data.simulation import Camera, FrameScale
 from decode_var.evaluation.model_card import check_camera
-from decode_var.registry import build_loss, build_model
-from decode_var.training.tasks import make_task
+from decode_var.training.components import build
 from decode_var.core.log import warn
 
 
@@ -56,17 +53,15 @@ class Predictor:
     def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False):
         self.param = param
         self.device = torch.device(device)
-        self.backend = get_backend(param.VAR.backend)
-        self.model = build_model(param)
+        # the parts of the training run (the composition root): the task's output units and post-processing,
+        # so that every model that trains also fits (six-channel maps, DECODE's SigmaMUNet with its sigmas)
+        self.parts = build(param)
+        self.backend, self.model, self.task = self.parts.backend, self.parts.model, self.parts.task
         load_model_weights(self.model, model_path, trusted=trusted)
         self.card = check_camera(param, model_path)  # warns where the camera is not the training one (issue 27)
         self.model.to(self.device).eval()
-        # the training task: its output units and post-processing, so that every model that trains also
-        # fits (six-channel maps, DECODE's SigmaMUNet with its sigmas); its schedule is the model's own
-        self.task = make_task(param, self.backend, self.model, build_loss(param))
-        self.schedule = self.task.schedule
-        self.frame_scale = FrameScale.parse(param)
-        self.camera = Camera.parse(param)
+        self.schedule = self.parts.schedule  # the model's own
+        self.frame_scale, self.camera = self.parts.frame_scale, self.parts.camera
         self.channels_in = int(param.HyperParameter.channels_in)
         self._grids: dict = {}
         self._posts: dict = {}

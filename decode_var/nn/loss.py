@@ -203,13 +203,18 @@ class PPXYZBLoss:
 
     # ------------------------------------------------------------------ construction from param
     @classmethod
-    def parse(cls, param) -> "PPXYZBLoss":
-        """Build from ``param.VAR.loss`` (keys as the constructor's) and ``len(param.VAR.scales)``.
+    def parse(cls, param, factors: Sequence[float] | None = None) -> "PPXYZBLoss":
+        """Build from ``param.VAR.loss`` (keys as the constructor's) and the scales ``factors`` the model
+        predicts (default ``VAR.scales``; an ablation that predicts fewer passes its own, so no param is
+        patched for it).
 
         Any param is first made a validated one with defaults filled (:func:`decode_var.config.param.as_param`):
         ours from ``load_param``, DECODE's from its own ``load_params`` (with or without a ``VAR`` section),
         a namespace or a dict."""
-        return cls(**cls._parse_kwargs(as_param(param)))
+        kwargs = cls._parse_kwargs(as_param(param))
+        if factors is not None:
+            kwargs.update(n_scales=len(factors), factors=[float(f) for f in factors])
+        return cls(**kwargs)
 
     @classmethod
     def _parse_kwargs(cls, param) -> dict:

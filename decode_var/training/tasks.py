@@ -9,7 +9,7 @@
 A loss class chooses its task with a class attribute ``task`` (``"six_channel"``, the default, or
 ``"gmm"``). The rest is asked of capabilities, never of types, each with the default of a model or loss
 that lacks it (DECODE's, a plugin's): a model with ``progressive`` (:func:`is_progressive`) and
-``predicted_factors()`` (:func:`param_for_model_scales`); a loss with ``scheduled`` (:func:`is_scheduled`).
+``predicted_factors()`` (:func:`scale_factors`); a loss with ``scheduled`` (:func:`is_scheduled`).
 Units: ``physical_output`` returns photons, px offsets from the cell centre, nm and
 photons / px; everything the model sees or returns inside a step is in network units (see
 :class:`decode_var.data.targets.TargetRescale`).
@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 
-from decode_var.config.param import param_from_dict
 from decode_var.core.channels import CHANNELS
 from decode_var.core.scales import ScaleSchedule
 from decode_var.data.targets import MultiScaleTargets, TargetRescale
@@ -132,9 +131,8 @@ class SixChannelTask(Task):
 
     def __init__(self, param, backend, model, loss):
         super().__init__(param, backend, model, loss)
-        param = param_for_model_scales(param, model)
-        self.schedule = ScaleSchedule.parse(param)
-        self.targets = MultiScaleTargets.parse(param, backend)
+        self.schedule = ScaleSchedule.parse(param, scale_factors(param, model))  # the model's own scales
+        self.targets = MultiScaleTargets.parse(param, backend, self.schedule)
         self.rescale = TargetRescale.parse(param)
         self.post = backend.post_processing(param, self.schedule.finest)
         self.progressive = is_progressive(model)  # teacher forcing, coins, scale outputs
@@ -242,16 +240,12 @@ def make_task(param, backend, model, loss) -> Task:
     return TASKS[getattr(type(loss), "task", "six_channel")](param, backend, model, loss)
 
 
-def param_for_model_scales(param, model):
-    """The param with VAR.scales as the model predicts them, ``model.predicted_factors()`` (an ablation may
-    predict fewer scales); a model without that capability predicts VAR.scales."""
+def scale_factors(param, model) -> list[float]:
+    """The factors of the scales ``model`` predicts, coarse to fine: ``model.predicted_factors()`` (an
+    ablation may predict fewer than ``VAR.scales``), else ``VAR.scales``. The schedule, the targets and
+    the loss are built for these: an ablation is a part that is built, not a param that is patched."""
     predicted = getattr(model, "predicted_factors", None)
-    factors = None if predicted is None else [float(f) for f in predicted()]
-    if factors is None or factors == [float(f) for f in param.VAR.scales]:
-        return param
-    data = param.to_dict()
-    data["VAR"]["scales"] = factors
-    return param_from_dict(data)
+    return [float(f) for f in (predicted() if predicted is not None else param.VAR.scales)]
 
 
 def component_vector(loss_total: float, components: dict) -> list[float]:

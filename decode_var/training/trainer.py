@@ -29,23 +29,21 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from decode_var.backend import get_backend
 from decode_var.core.atomic import atomic_write_text
 from decode_var.core.channels import CHANNELS
 from decode_var.core.errors import CheckpointError, DecodeVarError
 from decode_var.core.log import note, warn
 from decode_var.core.seeds import derive_seed
-from decode_var.data.simulation import FrameScale
 from decode_var.evaluation.crlb_scoring import precision_calibration
 from decode_var.evaluation.protocol import ground_truth, score, test_set_seed, test_set_size
 from decode_var.evaluation.model_card import update_card
 from decode_var.evaluation.plots import plot_training_curves
-from decode_var.registry import build_loss, build_model
 from decode_var.training import checkpoint as ckpt_io
 from decode_var.training.distributed import SingleProcess, wrap_model
 from decode_var.training.prefetch import Prefetcher
 from decode_var.training.schedules import TimeBudget, build_lr_scheduler, grad_clip_norm, step_lr_scheduler
-from decode_var.training.tasks import component_vector, make_task, param_for_model_scales
+from decode_var.training.components import build
+from decode_var.training.tasks import component_vector
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "EpochLog", "derive_seed"]
 
@@ -136,19 +134,18 @@ class Trainer:
         self.param, self.device, self.log_enabled = param, torch.device(device), log and self.proc.is_main
         self.exp_dir = Path(exp_dir) if exp_dir is not None else None
         self.progress = progress and self.proc.is_main
-        self.backend = get_backend(param.VAR.backend)
-        torch.manual_seed(param.VAR.seed)
-        self.model = build_model(param).to(self.device)
+        torch.manual_seed(param.VAR.seed)  # the model's initial weights
+        #: the run's parts from the composition root (the same build as the Predictor's)
+        self.parts = build(param)
+        self.backend, self.loss, self.task = self.parts.backend, self.parts.loss, self.parts.task
+        self.model = self.parts.model.to(self.device)
         self._ddp = None  # DDP wrapper of self.model in a distributed run, made by fit()
-        self.loss = build_loss(param_for_model_scales(param, self.model))
-        self.task = make_task(param, self.backend, self.model, self.loss)
         self._grad_clip = grad_clip_norm(param)
         opt_cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[param.HyperParameter.optimizer]
         self.optimizer = opt_cls(self.model.parameters(), **param.HyperParameter.opt_param.to_dict())
         self.lr_scheduler = build_lr_scheduler(param, self.optimizer)
-        self.simulator = self.backend.simulator(param)
-        self.frame_scale = FrameScale.parse(param)
-        self.matcher = self.backend.matcher(param)
+        self.simulator = self.parts.simulator
+        self.frame_scale, self.matcher = self.parts.frame_scale, self.parts.matcher
         self.epoch = 0
         self.history: list[dict] = []
         self.nonfinite_total = 0
