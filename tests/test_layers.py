@@ -153,3 +153,15 @@ def test_data_and_nn_never_import_training():
 def test_only_the_bridge_imports_decode():
     users = sorted({a for a, b, _ in edges(False) if b == "decode"})
     assert users == ["decode_var.backend.decode"]
+
+
+def test_no_function_is_longer_than_60_lines():
+    """A function a reader can hold in view (issue 23): split longer ones into named steps."""
+    long = []
+    for mod, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    long.append(f"{mod}.{node.name}: {n} lines")
+    assert long == []

@@ -88,6 +88,19 @@ class SplineCalibration:
 
 
 # reading and writing ----------------------------------------------------------------------------
+def _one_number(cspline, f: str, path) -> float:
+    """``SXY.cspline.<f>`` as one finite float, or an InputDataError naming the file and the field."""
+    v = np.asarray(getattr(cspline, f), dtype=object).reshape(-1)
+    try:
+        value = float(v[0]) if v.size == 1 else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise InputDataError(f"Spline calibration {path}: SXY.cspline.{f} must be one finite number, got "
+                             f"{getattr(cspline, f)!r}.")
+    return value
+
+
 def load_calibration(path: Union[str, pathlib.Path]) -> SplineCalibration:
     """Read a SMAP / DECODE spline calibration (.mat).
 
@@ -133,16 +146,7 @@ def load_calibration(path: Union[str, pathlib.Path]) -> SplineCalibration:
     if coeff.ndim != 4 or coeff.shape[3] != 64 or min(coeff.shape[:3]) < 1 or coeff.dtype.kind not in "fiu":
         raise InputDataError(f"Spline calibration {path}: SXY.cspline.coeff has shape {coeff.shape} "
                              f"({coeff.dtype}); expected numbers of shape (Nx, Ny, Nz, 64). Truncated file?")
-    values = {}
-    for f in ("dz", "z0", "x0"):
-        v = np.asarray(getattr(cspline, f), dtype=object).reshape(-1)
-        try:
-            values[f] = float(v[0]) if v.size == 1 else math.nan
-        except (TypeError, ValueError):
-            values[f] = math.nan
-        if not math.isfinite(values[f]):
-            raise InputDataError(f"Spline calibration {path}: SXY.cspline.{f} must be one finite number, got "
-                                 f"{getattr(cspline, f)!r}.")
+    values = {f: _one_number(cspline, f, path) for f in ("dz", "z0", "x0")}
     if values["dz"] <= 0:
         raise InputDataError(f"Spline calibration {path}: SXY.cspline.dz must be > 0 nm, got {values['dz']}.")
     if not np.isfinite(coeff).all():

@@ -58,6 +58,17 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _error_histograms(row, tp, tp_match) -> None:
+    """dx, dy, dz (nm) and dphot of matched localizations, one histogram each in the axes of ``row``."""
+    d = (tp.xyz_nm - tp_match.xyz_nm).numpy()
+    for i, name in enumerate(("dx (nm)", "dy (nm)", "dz (nm)")):
+        row[i].hist(d[:, i], bins=50)
+        row[i].set_title(f"{name}: mean {d[:, i].mean():.1f}, sd {d[:, i].std():.1f}")
+    dphot = (tp.phot - tp_match.phot).numpy()
+    row[3].hist(dphot, bins=50)
+    row[3].set_title(f"dphot: mean {dphot.mean():.0f}, sd {dphot.std():.0f}")
+
+
 def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, frame_hw=None,
                      frame_image=None, image_unit: str = "") -> None:
     """``report.png``: error histograms, predicted vs true positions, Jaccard / RMSE by photon bin.
@@ -71,13 +82,7 @@ def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, 
     tp, fp, fn, tp_match = matched
     fig, ax = plt.subplots(2, 4, figsize=(16, 7))
     if len(tp):
-        d = (tp.xyz_nm - tp_match.xyz_nm).numpy()
-        for i, name in enumerate(("dx (nm)", "dy (nm)", "dz (nm)")):
-            ax[0, i].hist(d[:, i], bins=50)
-            ax[0, i].set_title(f"{name}: mean {d[:, i].mean():.1f}, sd {d[:, i].std():.1f}")
-        dphot = (tp.phot - tp_match.phot).numpy()
-        ax[0, 3].hist(dphot, bins=50)
-        ax[0, 3].set_title(f"dphot: mean {dphot.mean():.0f}, sd {dphot.std():.0f}")
+        _error_histograms(ax[0], tp, tp_match)
     frames = sorted(set(gt.frame_ix.tolist()))[:n_frames] if len(gt) else []
     for j, f in enumerate(frames[:2]):
         a = ax[1, j]

@@ -123,17 +123,7 @@ def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_p
         raise InputDataError(f"A {shape_HW[0]} x {shape_HW[1]} px render at {px_nm} nm is too large; choose a larger "
                              "render pixel (--px-size) or a smaller field of view.")
     color_z = bool(len(em)) and bool(np.any(xyz[:, 2] != 0)) if color_z is None else color_z
-    n_px = shape_HW[0] * shape_HW[1]
-    density = np.zeros(n_px)
-    z_sum = np.zeros(n_px) if color_z else None
-    for s in range(0, len(em), chunk):
-        idx = _render_index(xyz[s:s + chunk, :2], camera_px_nm, px_nm, shape_HW)
-        ok = idx >= 0
-        density += np.bincount(idx[ok], minlength=n_px)
-        if color_z:
-            z_sum += np.bincount(idx[ok], weights=xyz[s:s + chunk, 2][ok], minlength=n_px)
-    density = density.reshape(shape_HW)
-    z_sum = None if z_sum is None else z_sum.reshape(shape_HW)
+    density, z_sum = _accumulate(xyz, camera_px_nm, px_nm, shape_HW, color_z, chunk)
     used_sigma = 0.0
     if mode == "gaussian":
         from scipy.ndimage import gaussian_filter  # lazy: 0.25 s, and the hist mode does without
@@ -155,6 +145,20 @@ def render(em: EmitterSet, frame_shape: Optional[Sequence[int]] = None, camera_p
                 z_range = (z_range[0] - 1.0, z_range[0] + 1.0)
         z_range = (float(z_range[0]), float(z_range[1]))
     return Render(density, z_mean, float(px_nm), z_range if color_z else None, mode, used_sigma)
+
+
+def _accumulate(xyz: np.ndarray, camera_px_nm, px_nm: float, shape_HW, color_z: bool, chunk: int):
+    """(localizations per render px, sum of their z in nm or None) as (H, W) arrays, ``chunk`` at a time."""
+    n_px = shape_HW[0] * shape_HW[1]
+    density = np.zeros(n_px)
+    z_sum = np.zeros(n_px) if color_z else None
+    for s in range(0, len(xyz), chunk):
+        idx = _render_index(xyz[s:s + chunk, :2], camera_px_nm, px_nm, shape_HW)
+        ok = idx >= 0
+        density += np.bincount(idx[ok], minlength=n_px)
+        if color_z:
+            z_sum += np.bincount(idx[ok], weights=xyz[s:s + chunk, 2][ok], minlength=n_px)
+    return density.reshape(shape_HW), None if z_sum is None else z_sum.reshape(shape_HW)
 
 
 def to_rgb(r: Render, saturation_percentile: float = 99.5) -> np.ndarray:

@@ -66,6 +66,28 @@ def _size_multiple(factors: Sequence[float]) -> int:
     return math.lcm(*(Fraction(f).limit_denominator(1024).denominator for f in factors))
 
 
+def _check_arguments(conditioning: str, channels_in, p_init: float) -> None:
+    if conditioning not in CONDITIONING:
+        raise ParamError(f"VAR.model.conditioning = {conditioning!r}; use one of {list(CONDITIONING)}.")
+    if not (isinstance(channels_in, int) and channels_in >= 1):
+        raise ParamError(f"HyperParameter.channels_in = {channels_in!r}; use 1 or 3 (frames in the window).")
+    if not 0.0 < p_init < 1.0:
+        raise ParamError(f"VAR.model.p_init = {p_init!r} must lie in (0, 1).")
+
+
+def _count_token_scales(factors, token_max_factor: float) -> int:
+    """How many leading scales are token scales: up to ``token_max_factor``, each an integer multiple
+    of the first."""
+    n_tok = 0
+    for f in factors:
+        ratio = f / factors[0]
+        if f <= token_max_factor + 1e-12 and abs(ratio - round(ratio)) < 1e-9:
+            n_tok += 1
+        else:
+            break
+    return n_tok
+
+
 @register_model()
 class VARMultiScale(nn.Module):
     """Next-scale-prediction emitter model with DECODE's model interface.
@@ -109,12 +131,7 @@ class VARMultiScale(nn.Module):
                  head_init_scale: float = 0.1, seed: Optional[int] = None):
         super().__init__()
         # 0. hyperparameters and the scales this instance predicts
-        if conditioning not in CONDITIONING:
-            raise ParamError(f"VAR.model.conditioning = {conditioning!r}; use one of {list(CONDITIONING)}.")
-        if not (isinstance(channels_in, int) and channels_in >= 1):
-            raise ParamError(f"HyperParameter.channels_in = {channels_in!r}; use 1 or 3 (frames in the window).")
-        if not 0.0 < p_init < 1.0:
-            raise ParamError(f"VAR.model.p_init = {p_init!r} must lie in (0, 1).")
+        _check_arguments(conditioning, channels_in, p_init)
         act = _activation_class(activation)
         self.channels_in = channels_in
         self.conditioning = conditioning
@@ -139,14 +156,7 @@ class VARMultiScale(nn.Module):
         self._pad_multiple = math.lcm(_size_multiple(factors), self.encoder.stride)
 
         # 2. token scales: coarse grids under the block-causal transformer
-        n_tok = 0
-        for f in factors:
-            ratio = f / factors[0]
-            if f <= token_max_factor + 1e-12 and abs(ratio - round(ratio)) < 1e-9:
-                n_tok += 1
-            else:
-                break
-        self.n_token_scales = n_tok
+        n_tok = self.n_token_scales = _count_token_scales(factors, token_max_factor)
         # attention windows of the training frame, kept on frames of any size (see WindowLayout)
         self._win0 = WindowLayout.balanced_window(self._out_shape(0, self.padded_shape(schedule.input_shape)),
                                                   self.window) if n_tok else None
@@ -165,16 +175,7 @@ class VARMultiScale(nn.Module):
             self.transformer = ScaleTransformer(token_dim, depth, heads, mlp_ratio, causal=self.conditioned)
 
         # 5. conv refinement of the finer / super-resolved scales
-        self.refine = nn.ModuleList()
-        prev_width = token_dim if n_tok else None
-        for k in range(n_tok, len(factors)):
-            # full width on the finest grid up to 1x; half width on super-resolved grids and on the
-            # intermediate grids, whose maps only condition the next scale (profiled: the
-            # intermediate 1x stage at full width cost as much as the whole finest stage)
-            final = k == len(factors) - 1
-            width = features if (final and factors[k] <= 1) else max(8, features // 2)
-            self.refine.append(RefineStage(widths[self._level[k]], prev_width, width, self.conditioned, act))
-            prev_width = width
+        self.refine = self._refine_stages(token_dim if n_tok else None, features, act)
 
         # 6. one 1x1 head per scale -> [p, phot, x, y, z, bg]
         head_in = [token_dim] * n_tok + [stage.width for stage in self.refine]
@@ -183,6 +184,20 @@ class VARMultiScale(nn.Module):
         self._init_weights(p_init, head_init_scale)
 
     # ------------------------------------------------------------------ construction helpers
+    def _refine_stages(self, prev_width: Optional[int], features: int, act) -> nn.ModuleList:
+        """The conv stages of the scales after the token scales: full width on the finest grid up to 1x;
+        half width on super-resolved grids and on the intermediate grids, whose maps only condition the
+        next scale (profiled: the intermediate 1x stage at full width cost as much as the whole finest
+        stage)."""
+        factors, widths = self.schedule.factors, self.encoder.widths
+        stages = nn.ModuleList()
+        for k in range(self.n_token_scales, len(factors)):
+            final = k == len(factors) - 1
+            width = features if (final and factors[k] <= 1) else max(8, features // 2)
+            stages.append(RefineStage(widths[self._level[k]], prev_width, width, self.conditioned, act))
+            prev_width = width
+        return stages
+
     def _init_weights(self, p_init: float, head_init_scale: float) -> None:
         for name, m in self.named_modules():
             if name.startswith("transformer") or name.startswith("heads"):
@@ -328,25 +343,9 @@ class VARMultiScale(nn.Module):
         outs: list[torch.Tensor] = []
         hidden = None
 
-        # token scales: one pass when no token input depends on a prediction, else scale by scale
         n_tok = min(self.n_token_scales, n)
         if n_tok:
-            layout = WindowLayout(grids[0], self._ratios[:n_tok], self.window, x.device, win0=self._win0)
-            parallel = (not self.conditioned) or n_tok == 1 or (force is not None and bool(force.all()))
-            if parallel:
-                tokens = [layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
-                          for k in range(n_tok)]
-                ys = self.transformer.forward_parallel(tokens, layout, N)
-                for k in range(n_tok):
-                    hidden = layout.merge(ys[k], self._ratios[k], N)
-                    outs.append(self.heads[k](hidden).float())
-            else:
-                cache = self.transformer.start_cache()
-                for k in range(n_tok):
-                    t = layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
-                    hidden = layout.merge(self.transformer.forward_step(t, k, cache, layout, N),
-                                          self._ratios[k], N)
-                    outs.append(self.heads[k](hidden).float())
+            hidden = self._predict_token_scales(n_tok, feats, grids, gt, force, outs, N, x.device)
 
         for k in range(n_tok, n):
             stage = self.refine[k - self.n_token_scales]
@@ -359,6 +358,30 @@ class VARMultiScale(nn.Module):
                 hidden = stage(feat, grids[k])
             outs.append(self.heads[k](hidden).float())
 
+        return self._crop(outs, shape)
+
+    def _predict_token_scales(self, n_tok, feats, grids, gt, force, outs, N, device) -> torch.Tensor:
+        """Maps of the token scales appended to ``outs``; returns the last one's hidden state. One
+        transformer pass when no token input depends on a prediction, else scale by scale."""
+        layout = WindowLayout(grids[0], self._ratios[:n_tok], self.window, device, win0=self._win0)
+        parallel = (not self.conditioned) or n_tok == 1 or (force is not None and bool(force.all()))
+        if parallel:
+            tokens = [layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
+                      for k in range(n_tok)]
+            ys = self.transformer.forward_parallel(tokens, layout, N)
+            for k in range(n_tok):
+                hidden = layout.merge(ys[k], self._ratios[k], N)
+                outs.append(self.heads[k](hidden).float())
+            return hidden
+        cache = self.transformer.start_cache()
+        for k in range(n_tok):
+            t = layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
+            hidden = layout.merge(self.transformer.forward_step(t, k, cache, layout, N), self._ratios[k], N)
+            outs.append(self.heads[k](hidden).float())
+        return hidden
+
+    def _crop(self, outs: list, shape) -> list:
+        """Each scale's map cut to the frame's own grid (the model computed it on the padded one)."""
         cropped = []
         for k, o in enumerate(outs):
             size = self._out_shape(k, shape)
