@@ -121,7 +121,7 @@ def test_trainer_and_eval_write_the_same_card(tmp_path, capsys):
                       "--out", str(tmp_path / "eval"), "--no-report"]) == 0
     again = json.loads((exp / CARD).read_text())["precision"]
     assert again["measured_by"] == "decode-var-eval" and again["n_matched"] == trained["n_matched"]
-    for k in ("ratio_x", "ratio_y", "ratio_z", "ratio_lat"):
-        assert again[k] == pytest.approx(trained[k], rel=1e-9), k
+    for k in ("ratio_x", "ratio_y", "ratio_z", "ratio_lat"):  # the fit's channels-last convolutions round
+        assert again[k] == pytest.approx(trained[k], rel=1e-6), k  # differently (1e-8 relative), no more
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["crlb_ratio_x"] == pytest.approx(trained["ratio_x"], rel=1e-4)  # float32 nm there
