@@ -31,7 +31,7 @@ from decode_var.core.log import note
 from decode_var.core.outputs import check_outputs
 from decode_var.evaluation.protocol import ground_truth, score, simulate_test_set
 from decode_var.data.emitter_io import save_emitters
-from decode_var.data.tiff import TiffStack
+from decode_var.data.tiff import open_stack
 from decode_var.evaluation import plots
 from decode_var.evaluation.model_card import refresh_card
 from decode_var.inference import stack as fitting  # a module: tests patch fitting.localize_stack
@@ -70,7 +70,7 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
         frame_image = lambda f: frames_NCHW[f, centre].cpu().numpy()  # noqa: E731
         image_unit = "photons"
     else:
-        stack = TiffStack(frames)  # the same guards as fitting; the frame size comes from the stack
+        stack = open_stack(frames)  # the same guards as fitting; the frame size comes from the stack
         check_stack_dtype(stack.dtype, frames)
         bs = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
         if compile:

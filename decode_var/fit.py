@@ -49,6 +49,7 @@ import tifffile
 from decode_var.core.devices import check_device
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.outputs import check_outputs
+from decode_var.data.tiff import TIFF_SUFFIXES
 from decode_var.inference.export import export_paths, write_fit_outputs
 from decode_var.inference.predictor import add_model_arguments, resolve_model_path
 # the stack logic lives in decode_var.inference.stack; its public names stay importable from here
@@ -105,20 +106,29 @@ def expected_output_bytes(frames, formats: Sequence[str] = ("decode",), render: 
     the render: :data:`RENDER_BYTES_PER_CAMERA_PX` x the pixels of one frame (the first page's size; only
     the TIFF header is read).
     """
+    files = _tiff_files(frames)
     try:
-        size = os.path.getsize(frames)
+        size = sum(os.path.getsize(f) for f in files)
     except OSError:  # missing: the fit says so
         return 0
     n_files = 1 + len({f for f in formats if f != "decode"})
     total = int(EMITTER_BYTES_PER_FRAME_BYTE * size * n_files)
-    if render:
+    if render and files:
         try:
-            with tifffile.TiffFile(frames) as tif:
+            with tifffile.TiffFile(files[0]) as tif:
                 shape = tif.pages[0].shape
             total += RENDER_BYTES_PER_CAMERA_PX * int(shape[-1]) * int(shape[-2])
         except Exception:  # noqa: BLE001 - a damaged TIFF is the fit's to report, with its own message
             pass
     return total
+
+
+def _tiff_files(frames) -> list:
+    """The TIFF file, or the TIFF files of a frame folder (:class:`decode_var.data.tiff.FolderStack`)."""
+    path = Path(frames)
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES]
+    return [path]
 
 
 def check_fit_outputs(args) -> None:

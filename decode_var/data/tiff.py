@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import re
 from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from decode_var.core.errors import InputDataError
 
-__all__ = ["TiffStack", "window_batches", "window_indices", "read_blocks"]
+__all__ = ["TiffStack", "FolderStack", "open_stack", "window_batches", "window_indices", "read_blocks"]
 
 
 class _LogCapture(logging.Handler):
@@ -40,7 +41,45 @@ class _LogCapture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-class TiffStack:
+class _Frames:
+    """What a lazily read movie offers: ``shape`` (T, H, W), ``len``, ``read(start, stop)`` -> float32
+    (T, H, W), indexing by frame or contiguous slice, ``close`` and use as a context manager."""
+
+    _shape: Tuple[int, int, int]
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(T, H, W) = (frames, size along x, size along y)."""
+        return self._shape
+
+    def __len__(self) -> int:
+        return self._shape[0]
+
+    def read(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release open files."""
+
+    def __getitem__(self, item) -> np.ndarray:
+        if isinstance(item, slice):
+            if item.step not in (None, 1):
+                raise ValueError(f"{type(self).__name__} supports contiguous slices only.")
+            return self.read(item.start or 0, item.stop)
+        i = int(item)
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(f"frame {item} out of range for {len(self)} frames")
+        return self.read(i, i + 1)[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TiffStack(_Frames):
     """A TIFF stack of 2D grayscale frames, read lazily.
 
     Args:
@@ -57,7 +96,8 @@ class TiffStack:
         if not self.path.exists():
             raise InputDataError(f"Frame file {self.path} does not exist.")
         if not self.path.is_file():
-            raise InputDataError(f"Frame file {self.path} is not a file (give one TIFF stack).")
+            raise InputDataError(f"Frame file {self.path} is not a file (give one TIFF stack, or a folder of TIFF "
+                                 "files to decode_var.data.tiff.open_stack).")
         if self.path.stat().st_size == 0:
             raise InputDataError(f"Frame file {self.path} is empty (0 bytes).")
 
@@ -163,15 +203,6 @@ class TiffStack:
             raise InputDataError(f"Frame file stack is empty (shape {shape}).")
         return (t, int(shape[-2]), int(shape[-1]))
 
-    # ------------------------------------------------------------------------------------------
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        """(T, H, W) = (frames, size along x, size along y)."""
-        return self._shape
-
-    def __len__(self) -> int:
-        return self._shape[0]
-
     def __repr__(self) -> str:
         return f"TiffStack({str(self.path)!r}, shape={self._shape}, dtype={self.dtype})"
 
@@ -198,29 +229,12 @@ class TiffStack:
                                  f"({type(err).__name__}: {err}). Is the file corrupt or truncated?") from err
         return np.asarray(frames, dtype=np.float32).reshape((stop - start,) + self._shape[1:])
 
-    def __getitem__(self, item) -> np.ndarray:
-        if isinstance(item, slice):
-            if item.step not in (None, 1):
-                raise ValueError("TiffStack supports contiguous slices only.")
-            return self.read(item.start or 0, item.stop)
-        i = int(item)
-        i = i + len(self) if i < 0 else i
-        if not 0 <= i < len(self):
-            raise IndexError(f"frame {item} out of range for {len(self)} frames")
-        return self.read(i, i + 1)[0]
-
     def close(self) -> None:
         self._mm, self._pages = None, None
         tif = getattr(self, "_tif", None)
         if tif is not None:
             tif.close()
             self._tif = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __del__(self):
         try:
@@ -313,8 +327,73 @@ def read_blocks(stack, batch_size: int, frame_window: int = 3, start: int = 0,
 
 
 def _read(stack, lo: int, hi: int) -> torch.Tensor:
-    if isinstance(stack, TiffStack):
+    if isinstance(stack, _Frames):
         return torch.from_numpy(stack.read(lo, hi))
     if isinstance(stack, torch.Tensor):
         return stack[lo:hi].float()
     return torch.as_tensor(np.asarray(stack[lo:hi]), dtype=torch.float32)
+
+
+#: file name endings read from a frame folder
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+class FolderStack(_Frames):
+    """A folder of TIFF files read as one movie, in natural name order (``frame_2.tif`` before
+    ``frame_10.tif``): what acquisition software that saves one file per frame (or per block) writes.
+    Each file holds one or more 2D frames; all frames must have one size and pixel type. Files are opened
+    once to count their frames, then only when their frames are read; other files in the folder (metadata,
+    notes) are ignored.
+
+    Raises:
+        InputDataError: a folder without TIFF files, files of different frame sizes or pixel types (named),
+            or an unreadable file (as :class:`TiffStack`).
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = pathlib.Path(path)
+        self.files = sorted((p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES),
+                            key=lambda p: _natural_key(p.name))
+        if not self.files:
+            raise InputDataError(f"Frame folder {self.path} holds no .tif / .tiff files. Give a TIFF stack, or a "
+                                 "folder of TIFF files (one per frame or per block).")
+        counts, first = [], None
+        for f in self.files:
+            with TiffStack(f) as stack:
+                kind = (stack.shape[1:], stack.dtype)
+                if first is None:
+                    first = (f, kind)
+                elif kind != first[1]:
+                    raise InputDataError(
+                        f"Frame folder {self.path}: {f.name} holds {kind[0][0]} x {kind[0][1]} px {kind[1]} frames, "
+                        f"{first[0].name} {first[1][0][0]} x {first[1][0][1]} px {first[1][1]}. A movie's files "
+                        "must share the frame size and pixel type: move other acquisitions out of the folder.")
+                counts.append(len(stack))
+        self.dtype = first[1][1]
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._shape = (int(self._starts[-1]),) + tuple(first[1][0])
+
+    def __repr__(self) -> str:
+        return f"FolderStack({str(self.path)!r}, {len(self.files)} files, shape={self._shape}, dtype={self.dtype})"
+
+    def read(self, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Frames ``start .. stop - 1`` of the movie as float32 ``(stop - start, H, W)``."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        parts = [np.zeros((0,) + self._shape[1:], dtype=np.float32)]
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        for k in range(first, len(self.files)):
+            lo, hi = int(self._starts[k]), int(self._starts[k + 1])
+            if lo >= stop:
+                break
+            with TiffStack(self.files[k]) as stack:
+                parts.append(stack.read(max(start, lo) - lo, min(stop, hi) - lo))
+        return np.concatenate(parts)
+
+
+def open_stack(path: Union[str, os.PathLike]) -> _Frames:
+    """A movie from ``path``: a TIFF file (:class:`TiffStack`) or a folder of TIFF files (:class:`FolderStack`)."""
+    return FolderStack(path) if pathlib.Path(path).is_dir() else TiffStack(path)
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name)]

@@ -59,7 +59,7 @@ from decode_var.core.version import __version__
 from decode_var.data.emitter_io import save_emitters
 from decode_var.data.simulation import astigmatism
 from decode_var.data.spline_psf import SplinePSF, load_calibration
-from decode_var.data.tiff import TiffStack
+from decode_var.data.tiff import open_stack
 from decode_var.evaluation.crlb_scoring import crlb_px
 from decode_var.evaluation.model_card import ModelCard, load_card
 from decode_var.inference.render import render as render_image, save_render
@@ -513,7 +513,7 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
     Returns the paths written.
     """
     param = load_param(param_file)
-    stack = TiffStack(frames)
+    stack = open_stack(frames)
     frame_shape, n_frames = tuple(int(v) for v in stack.shape[1:]), len(stack)
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)

@@ -311,7 +311,8 @@ def add_model_arguments(parser, frames_help: Optional[str]) -> None:
     parser.add_argument("-p", "--param_file", required=True, help="the experiment's param_run.yaml")
     parser.add_argument("--model", required=True, help="model.pt (or the experiment folder)")
     parser.add_argument("--frames", required=frames_help is None, default=None,
-                        help=frames_help or "TIFF stack (frames in ADU when Camera.convert2photons)")
+                        help=frames_help or "TIFF stack, or a folder of TIFF files read in name order (frames in ADU when "
+                             "Camera.convert2photons)")
     parser.add_argument("-i", "--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     parser.add_argument("--trust-pickle", action="store_true", help="allow arbitrary unpickling of --model")
     parser.add_argument("--batch-size", default="auto",

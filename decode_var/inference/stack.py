@@ -22,7 +22,7 @@ from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
 from decode_var.core.log import warn
 from decode_var.data.emitter_io import save_emitters
-from decode_var.data.tiff import TiffStack, read_blocks, window_indices
+from decode_var.data.tiff import open_stack, read_blocks, window_indices
 from decode_var.inference.predictor import (Predictor, default_max_memory, parse_memory,
                                             resolve_model_path)
 
@@ -220,7 +220,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
         raise InputDataError(f"--out {out} must end in .h5, .csv or .pt (DECODE's emitter formats).")
     param = load_param(param_file)
-    stack = TiffStack(frames)
+    stack = open_stack(frames)
     if len(stack) == 0:
         raise InputDataError(f"{frames} holds no frames.")
     check_stack_dtype(stack.dtype, frames)
