@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 import tifffile
 
 from decode_var.core.devices import check_device
-from decode_var.core.errors import DecodeVarError, exit_status
+from decode_var.core.errors import DecodeVarError, OutputError, exit_status
 from decode_var.core.outputs import check_outputs
 from decode_var.data.tiff import TIFF_SUFFIXES
 from decode_var.inference.export import export_paths, write_fit_outputs
@@ -135,7 +135,14 @@ def check_fit_outputs(args) -> None:
     """The pre-flight of ``decode-var-fit``: device and outputs, before the model is loaded or a frame read."""
     check_device(args.device)
     render = not args.no_render
-    check_outputs(output_paths(args.out, args.format, render),
+    outputs = output_paths(args.out, args.format, render)
+    folder = Path(args.frames)
+    if folder.is_dir():  # a TIFF written into a frame folder would be read as part of the movie next time
+        for out in outputs:
+            if out.suffix.lower() in TIFF_SUFFIXES and out.resolve().parent == folder.resolve():
+                raise OutputError(f"cannot write {out}: it would land in the frame folder {folder} and be read as "
+                                  "frames of the movie by the next fit. Choose an --out outside that folder.")
+    check_outputs(outputs,
                   {"--model": resolve_model_path(args.model), "-p": args.param_file, "--frames": args.frames},
                   expected_output_bytes(args.frames, args.format, render))
 

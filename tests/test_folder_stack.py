@@ -49,3 +49,19 @@ def test_decode_var_fit_takes_a_folder(tmp_path):
         tifffile.imwrite(movie / f"img_{i}.tif", f, photometric="minisblack")
     run = hostile_cli.fit(exp, movie, tmp_path / "em.h5")
     assert run.rc == 0 and run.clean and "fitted 6 of 6 frames (16 x 16 px)" in run.out, run.err
+
+
+def test_a_render_tiff_is_not_written_into_the_frame_folder(tmp_path):
+    """--out inside the movie folder would put <out>_render.tif among the frames of the next fit: refused
+    before anything is written."""
+    from decode_var.fit import main as fit_main
+
+    exp = hostile_cli.train_tiny_model(tmp_path / "model")
+    movie = tmp_path / "movie"
+    movie.mkdir()
+    for i, f in enumerate(hostile_cli.adu_frames(3)):
+        tifffile.imwrite(movie / f"img_{i}.tif", f, photometric="minisblack")
+    run = hostile_cli.run_cli(fit_main, ["-p", exp / "param_run.yaml", "--model", exp / "model.pt", "--frames", movie,
+                                         "--out", movie / "em.h5", "--no-progress"])
+    assert run.rc == 2 and run.clean and "em_render.tif" in run.err and "frame folder" in run.err, run.err
+    assert sorted(p.name for p in movie.iterdir()) == ["img_0.tif", "img_1.tif", "img_2.tif"]

@@ -513,8 +513,12 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
     Returns the paths written.
     """
     param = load_param(param_file)
-    stack = open_stack(frames)
-    frame_shape, n_frames = tuple(int(v) for v in stack.shape[1:]), len(stack)
+    report = getattr(em, "fit_report", None)
+    if report is not None:  # decode-var-fit has read the movie: its record, not a second pass over the files
+        frame_shape, n_frames = tuple(report.frame_hw), report.n_frames
+    else:
+        with open_stack(frames) as stack:
+            frame_shape, n_frames = tuple(int(v) for v in stack.shape[1:]), len(stack)
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
     card = load_card(model) if model is not None else None
