@@ -314,6 +314,83 @@ def decode_infer_speed(stack: Path, device: str, threads: int, batch) -> dict | 
     return _child_json(code, "DECODE Infer subprocess")
 
 
+CLASSICAL_DENSITIES = (1.0, 6.0, 15.0)  # emitters per 40 x 40 px area
+CLASSICAL_FRAMES = {64: 400, 256: 40, 512: 10}
+
+
+def movie_param(param, size: int):
+    """The model's param with the frame size set to ``size`` px (the simulation of the test movies)."""
+    from decode_var.config.param import param_from_dict
+
+    d = param.to_dict()
+    ext = [[-0.5, size - 0.5], [-0.5, size - 0.5]]
+    d["Simulation"].update(img_size=[size, size], psf_extent=ext + [None],
+                           emitter_extent=ext + [list(d["Simulation"]["emitter_extent"][2])])
+    return param_from_dict(d)
+
+
+def decode_var_fit_timed(param, exp: Path, tif: Path, sparse: bool) -> tuple:
+    """(emitters, seconds): the fit as ``decode-var-fit`` runs it, in this process, from building the
+    predictor (the model load) to the last localization; the file is not written."""
+    from decode_var.core.emitters import EmitterSet
+    from decode_var.data.tiff import open_stack
+    from decode_var.inference.predictor import Predictor
+    from decode_var.inference.stack import localize_stack, resolve_batch_size
+
+    t0 = time.perf_counter()
+    pred = Predictor(param, exp / "model.pt", sparse=sparse)
+    stack = open_stack(tif)
+    em = EmitterSet.cat(list(localize_stack(pred, stack, resolve_batch_size(pred, stack.shape[1:], len(stack)))))
+    return em, time.perf_counter() - t0
+
+
+def versus_classical(exp: Path, sizes, densities, tmp: Path, frames=None) -> list[dict]:
+    """decode-var (sparse and dense) against the classical fitter of ``bench_movie.py`` (threshold tuned on
+    its tuning movie) on the same simulated movies with ground truth, each timed end to end in this process:
+    frames/s and Jaccard of each, and decode-var's frames/s as a ratio to the classical fitter's."""
+    import tifffile
+    from bench_movie import classical_fit, score, simulate_movie, tune_threshold
+
+    param = load_param(exp / "param_run.yaml")
+    threshold, _ = tune_threshold(param, 200)
+    rows = []
+    for i, size in enumerate(sizes):
+        n = frames[i] if frames else CLASSICAL_FRAMES.get(size, 20)
+        mparam = movie_param(param, size)
+        for density in densities:
+            adu_FHW, gt = simulate_movie(mparam, n, density * size * size / 1600.0, "per_frame", seed=size + int(density))
+            tif = tmp / f"movie_{size}_{density:g}.tif"
+            tifffile.imwrite(tif, adu_FHW, photometric="minisblack")
+            row = {"size": size, "density_per_40x40": density, "frames": n, "n_gt": len(gt)}
+            for name, sparse in (("sparse", True), ("dense", False)):
+                em, sec = decode_var_fit_timed(param, exp, tif, sparse)
+                row[name] = {"fps": n / sec, **score(mparam, em, gt, n)}
+            t0 = time.perf_counter()
+            em = classical_fit(tifffile.imread(tif), mparam, threshold)
+            row["classical"] = {"fps": n / (time.perf_counter() - t0), **score(mparam, em, gt, n)}
+            row["sparse_vs_classical"] = row["sparse"]["fps"] / row["classical"]["fps"]
+            row["dense_vs_classical"] = row["dense"]["fps"] / row["classical"]["fps"]
+            rows.append(row)
+            print(f"{size} px, {density:g} per 40x40: sparse {row['sparse']['fps']:.2f} f/s jac "
+                  f"{row['sparse']['jac']:.3f} | dense {row['dense']['fps']:.2f} f/s jac {row['dense']['jac']:.3f} | "
+                  f"classical {row['classical']['fps']:.2f} f/s jac {row['classical']['jac']:.3f} | "
+                  f"ratio sparse / classical {row['sparse_vs_classical']:.2f}x", flush=True)
+            tif.unlink()
+    return rows
+
+
+def _print_classical(rows, args) -> None:
+    print(f"\n`python benchmarks/bench_fit.py {' '.join(sys.argv[1:])}`  ({args.threads} threads)\n")
+    print("| frame | emitters per 40 x 40 px | frames | decode-var frames/s (sparse / dense) | classical frames/s | "
+          "decode-var / classical | Jaccard sparse / dense / classical | lateral RMSE sparse / classical (nm) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s, d, c = r["sparse"], r["dense"], r["classical"]
+        print(f"| {r['size']}x{r['size']} | {r['density_per_40x40']:g} | {r['frames']} | {s['fps']:.2f} / {d['fps']:.2f} | "
+              f"{c['fps']:.2f} | **{r['sparse_vs_classical']:.2f}x** | {s['jac']:.3f} / {d['jac']:.3f} / {c['jac']:.3f} | "
+              f"{s['rmse_lat']:.1f} / {c['rmse_lat']:.1f} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="experiment folder (default: untrained quickstart model)")
@@ -328,7 +405,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-decode", action="store_true", help="skip DECODE's Infer with SigmaMUNet")
     ap.add_argument("--decode-batch", default="auto",
                     help="batch size of DECODE's Infer ('auto': DECODE's own choice, 64 frames on the CPU)")
+    ap.add_argument("--classical", action="store_true",
+                    help="instead: decode-var (sparse and dense) against the classical fitter on movies with ground "
+                         "truth, at --densities emitters per 40 x 40 px (needs a trained --model)")
+    ap.add_argument("--densities", type=float, nargs="+", default=list(CLASSICAL_DENSITIES))
     args = ap.parse_args(argv)
+    if args.classical:
+        if args.model is None:
+            ap.error("--classical needs a trained --model (an untrained one finds nothing)")
+        torch.set_num_threads(args.threads)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        with tempfile.TemporaryDirectory() as d:
+            rows = versus_classical(Path(args.model), args.sizes, args.densities, Path(d), args.frames)
+        _print_classical(rows, args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+        return 0
     if args.decode_batch != "auto":
         args.decode_batch = int(args.decode_batch)
     torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ from decode_var.core.scales import Scale, ScaleSchedule
 from decode_var.evaluation.model_card import check_camera
 from decode_var.training.components import build
 from decode_var.core.log import warn
+from decode_var.nn.sparse import DEFAULT_THRESHOLD, sparse_forward, supports_sparse
 
 
 #: Share of the summed module outputs of a forward pass that is resident at its peak, with margin.
@@ -48,9 +49,15 @@ class Predictor:
         model_path: ``model.pt`` (or ``ckpt.pt``).
         device: torch device string.
         trusted: allow arbitrary unpickling of the model file (only for files you trust).
+        sparse: compute the finer scales only around the coarse cells whose detection probability passes
+            ``sparse_threshold`` (:mod:`decode_var.nn.sparse`; models without coarse scales run dense).
+            False: every scale on every pixel, as in training. A batch whose planned cells would cost
+            ``sparse_max_cost`` times the dense finer scales or more runs them dense (1: the faster path;
+            ``inf``: always sparse).
     """
 
-    def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False):
+    def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False, sparse: bool = True,
+                 sparse_threshold: float = DEFAULT_THRESHOLD, sparse_max_cost: float = 1.0):
         self.param = param
         self.device = torch.device(device)
         # the parts of the training run (the composition root): the task's output units and post-processing,
@@ -73,17 +80,22 @@ class Predictor:
         self._act_bytes_per_px: Optional[float] = None
         self._forward = self.model
         self._fixed_n: Optional[int] = None
+        self.sparse_threshold = float(sparse_threshold) if sparse and supports_sparse(self.model) else None
+        self.sparse_max_cost = float(sparse_max_cost)
 
     def compile(self, batch_size: int) -> None:
         """Run the model through ``torch.compile`` (about 2x on the CPU at 256 x 256 px, after a compile
         of a minute or two: worth it for long stacks). Batches are padded to ``batch_size`` so that one
         graph serves the whole stack. Falls back to eager mode, with a warning, if compiling fails
-        (e.g. no C++ compiler)."""
+        (e.g. no C++ compiler). A compiled model runs dense (the sparse path's cell sets change shape from
+        batch to batch)."""
         self._forward = torch.compile(self.model, dynamic=False)
         self._fixed_n = int(batch_size)
 
     def _run_model(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if self._fixed_n is None and self.sparse_threshold is not None:
+            return sparse_forward(self.model, x, self.sparse_threshold, max_cost=self.sparse_max_cost)
         if self._fixed_n is None:
             return self.model(x)
         if n < self._fixed_n:  # the last batch: repeat its last window, drop the extra outputs
@@ -320,6 +332,9 @@ def add_model_arguments(parser, frames_help: Optional[str]) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run the model through torch.compile: about 2x faster on long stacks after a "
                              "compile of a minute or two (needs a C++ compiler on the CPU)")
+    parser.add_argument("--dense", action="store_true",
+                        help="compute every scale on every pixel (default: the finer scales only around the coarse "
+                             "cells that see an emitter, where that is faster; the same localizations)")
     parser.add_argument("--max-memory", default=None,
                         help="memory budget of a batch, e.g. 2G or 800MB (default 1G on the CPU, half the free "
                              "memory of a GPU); peak memory stays bounded whatever the stack length")

@@ -156,14 +156,27 @@ class FrameEncoder(nn.Module):
         return 2 ** (len(self.widths) - 1)
 
     def forward(self, frames_NCHW: torch.Tensor) -> list[torch.Tensor]:
+        return self.top_down(self.bottom_up(frames_NCHW))
+
+    def bottom_up(self, frames_NCHW: torch.Tensor) -> list[torch.Tensor]:
+        """The down path: one map per level, before the top-down pass."""
         enc = []
         x = frames_NCHW
         for block in self.down:
             x = block(x)
             enc.append(x)
-        out = [None] * len(enc)
+        return enc
+
+    def top_down(self, enc: list[torch.Tensor], stop_level: int = 0,
+                 out: Optional[list] = None) -> list[Optional[torch.Tensor]]:
+        """The top-down pass from the coarsest level down to ``stop_level``; finer levels are None (the
+        sparse inference path, :mod:`decode_var.nn.sparse`, computes them only where it needs them).
+        ``out``: levels already computed (a previous call's result), continued in place."""
+        out = [None] * len(enc) if out is None else out
         out[-1] = enc[-1]
-        for lvl in range(len(enc) - 2, -1, -1):
+        for lvl in range(len(enc) - 2, stop_level - 1, -1):
+            if out[lvl] is not None:
+                continue
             top = F.interpolate(self.lateral[lvl](out[lvl + 1]), size=enc[lvl].shape[-2:], mode="nearest")
             out[lvl] = self.smooth[lvl](enc[lvl] + top)
         return out

@@ -314,8 +314,12 @@ class VARMultiScale(nn.Module):
         """
         if self.training:
             return self.predict_scales(frames_NCHW, targets, n_active)
-        logits = self.predict_scales(frames_NCHW, None, n_active, only_last=True)[-1]
-        return torch.cat([torch.sigmoid(logits[:, :1]), logits[:, 1:]], dim=1)
+        return self.eval_output(self.predict_scales(frames_NCHW, None, n_active, only_last=True)[-1])
+
+    def eval_output(self, logits_NChw: torch.Tensor) -> torch.Tensor:
+        """The eval-mode map from a raw head map: p through a sigmoid, the other channels as they are
+        (also used by the sparse inference path, :mod:`decode_var.nn.sparse`)."""
+        return torch.cat([torch.sigmoid(logits_NChw[:, :1]), logits_NChw[:, 1:]], dim=1)
 
     def predict_scales(self, frames_NCHW: torch.Tensor, targets: Optional[Sequence[torch.Tensor]] = None,
                        n_active: Optional[int] = None, only_last: bool = False) -> list[torch.Tensor]:
@@ -347,7 +351,13 @@ class VARMultiScale(nn.Module):
         if n_tok:
             hidden = self._predict_token_scales(n_tok, feats, grids, gt, force, outs, N, x.device)
 
-        for k in range(n_tok, n):
+        self._refine_scales(n_tok, n, feats, grids, hidden, outs, gt, force)
+        return self._crop(outs, shape)
+
+    def _refine_scales(self, k0: int, n: int, feats, grids, hidden, outs: list, gt=None, force=None) -> None:
+        """Maps of the conv-refined scales ``k0 .. n - 1`` appended to ``outs`` (``hidden``: scale k0 - 1's
+        hidden state; also the sparse inference path's dense fallback, :mod:`decode_var.nn.sparse`)."""
+        for k in range(k0, n):
             stage = self.refine[k - self.n_token_scales]
             feat = feats[self._level[k]]
             if stage.conditioned:
@@ -356,9 +366,7 @@ class VARMultiScale(nn.Module):
                 hidden = stage(feat, grids[k], hidden, coarse, shift)
             else:
                 hidden = stage(feat, grids[k])
-            outs.append(self.heads[k](hidden).float())
-
-        return self._crop(outs, shape)
+            outs.append(self._head(k, hidden))
 
     def _predict_token_scales(self, n_tok, feats, grids, gt, force, outs, N, device) -> torch.Tensor:
         """Maps of the token scales appended to ``outs``; returns the last one's hidden state. One
@@ -371,14 +379,19 @@ class VARMultiScale(nn.Module):
             ys = self.transformer.forward_parallel(tokens, layout, N)
             for k in range(n_tok):
                 hidden = layout.merge(ys[k], self._ratios[k], N)
-                outs.append(self.heads[k](hidden).float())
+                outs.append(self._head(k, hidden))
             return hidden
         cache = self.transformer.start_cache()
         for k in range(n_tok):
             t = layout.partition(self._token_input(k, feats, grids, gt, force, outs), self._ratios[k])
             hidden = layout.merge(self.transformer.forward_step(t, k, cache, layout, N), self._ratios[k], N)
-            outs.append(self.heads[k](hidden).float())
+            outs.append(self._head(k, hidden))
         return hidden
+
+    def _head(self, k: int, hidden_NChw: torch.Tensor) -> torch.Tensor:
+        """Raw map of scale ``k`` from its hidden state: the only place a head is applied (the sparse
+        inference path, :mod:`decode_var.nn.sparse`, calls it on the cells it computes)."""
+        return self.heads[k](hidden_NChw).float()
 
     def _crop(self, outs: list, shape) -> list:
         """Each scale's map cut to the frame's own grid (the model computed it on the padded one)."""
