@@ -1,6 +1,6 @@
 """``decode-var-render``: a super-resolution image of an emitter file; ``decode-var-convert``: exports.
 
-    decode-var-render emitters.h5 [--out render.png] [--px-size 10] [--mode gaussian|hist] [--sigma NM]
+    decode-var-render emitters.h5 [--out render.png] [--px-size 10] [--mode gaussian|hist|precision] [--sigma NM]
                       [-p param_run.yaml] [--camera-px NM NM] [--frame-size SX SY] [--no-z-color]
     decode-var-convert emitters.h5 --format picasso|thunderstorm|decode --out PATH [-p param_run.yaml]
                       [--camera-px NM NM] [--frame-size SX SY] [--frames N]
@@ -72,7 +72,9 @@ def render_main(argv: Optional[Sequence[str]] = None) -> int:
     _common(p)
     p.add_argument("--out", default=None, help="PNG to write (default: <emitters>_render.png); the TIFF gets .tif")
     p.add_argument("--px-size", type=float, default=10.0, help="render pixel, nm (default 10)")
-    p.add_argument("--mode", choices=("gaussian", "hist"), default="gaussian")
+    p.add_argument("--mode", choices=("gaussian", "hist", "precision"), default="gaussian",
+                   help="gaussian: every localization blurred by --sigma; hist: counts per pixel; precision: each "
+                        "localization blurred by its own predicted sigma (models with VAR.model.uncertainty)")
     p.add_argument("--sigma", type=float, default=None, help="Gaussian blur, nm (default: median precision, or 2 px)")
     p.add_argument("--no-z-color", action="store_true", help="grey-scale density even for 3D data")
     p.add_argument("--z-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="z colour scale, nm")

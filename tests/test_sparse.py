@@ -118,13 +118,23 @@ def test_dense_fallback_is_the_dense_forward_bit_for_bit():
 
 @pytest.mark.parametrize("conditioning", ["next_scale", "independent"])
 def test_sparse_with_uncertainty_and_ablations(conditioning):
-    m = _model(conditioning=conditioning)
+    m = _model(conditioning=conditioning, uncertainty=True)
+    m.sigma_scale.copy_(torch.tensor([1.5, 0.5, 2.0, 1.2]))  # a calibrated model: the sparse path scales alike
     assert sparse.supports_sparse(m)
     x, _ = _frames()
     with torch.no_grad():
         stats = {}
         sp = sparse.sparse_forward(m, x, threshold=-1.0, max_cost=math.inf, stats=stats)
-        torch.testing.assert_close(sp, m(x), rtol=0, atol=1e-5)
+        dense = m(x)
+        torch.testing.assert_close(sp, dense, rtol=0, atol=1e-5)
+        assert sp.shape[1] == 10
+        p_coarse = torch.sigmoid(m.predict_scales(x, None, None)[0][:, 0])
+        part = sparse.sparse_forward(m, x, threshold=float(p_coarse.quantile(0.6)), max_cost=math.inf, stats=stats)
+        nothing = sparse.sparse_forward(m, x, threshold=1.0, max_cost=math.inf)
+    done = stats["computed_NHW"][:, None].expand_as(part)
+    assert 0 < stats["active_share"] < 1
+    torch.testing.assert_close(part[done], dense[done], rtol=0, atol=1e-5)
+    assert nothing.shape == dense.shape and (nothing[:, 0] == 0).all()
     assert not sparse.supports_sparse(_model(conditioning="single"))
 
 

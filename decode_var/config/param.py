@@ -494,6 +494,7 @@ def validate(param: Param) -> None:
     _check_var(param)
     _check_var_model(param.VAR.model)
     _check_var_loss(param.VAR.loss)
+    _check_uncertainty(param)
     _check_var_train(param)
 
 
@@ -545,8 +546,8 @@ def _check_hyperparameter(hp: Param) -> None:
              f"HyperParameter.channels_in must be 1 or 3 (frame window), got {hp.channels_in!r}.")
     ch_out = hp.get("channels_out")
     if hp.architecture == "VARMultiScale":
-        _require(ch_out in (None, 6), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]) or empty for "
-                 f"VARMultiScale, got {ch_out!r}.")
+        _require(ch_out in (None, 6, 10), f"HyperParameter.channels_out must be 6 ([p, phot, x, y, z, bg]), 10 (with "
+                 f"VAR.model.uncertainty) or empty for VARMultiScale, got {ch_out!r}.")
     for key in ("batch_size", "pseudo_ds_size"):
         _check_int(f"HyperParameter.{key}", getattr(hp, key), 1)
     _check_int("HyperParameter.epochs", hp.epochs, 0)
@@ -647,9 +648,22 @@ def _check_var_model(vm: Param) -> None:
     _check_choice("VAR.model.conditioning", vm.conditioning, ("next_scale", "independent", "single"))
     _require(isinstance(vm.detach_condition, bool),
              f"VAR.model.detach_condition must be true or false, got {vm.detach_condition!r}.")
+    _require(isinstance(vm.uncertainty, bool),
+             f"VAR.model.uncertainty must be true or false, got {vm.uncertainty!r}.")
     if vm.p_init is not None:
         _check_num("VAR.model.p_init", vm.p_init, 0, 1, lo_open=True, hi_open=True,
                    what=" (initial p per finest cell; empty = from Simulation.emitter_av)")
+
+
+def _check_uncertainty(param: Param) -> None:
+    """``VAR.model.uncertainty`` needs the model that predicts sigma and a loss that trains it."""
+    hp = param.HyperParameter
+    if not param.VAR.model.uncertainty:
+        return
+    _require(hp.architecture == "VARMultiScale" and hp.loss_impl in ("AdaptivePPXYZB", "PPXYZB"),
+             f"VAR.model.uncertainty: true needs HyperParameter.architecture VARMultiScale and loss_impl "
+             f"AdaptivePPXYZB or PPXYZB (they predict and train the sigmas), got {hp.architecture!r} with "
+             f"{hp.loss_impl!r}. Set VAR.model.uncertainty: false (SigmaMUNet predicts its own sigmas).")
 
 
 def _check_var_loss(loss: Param) -> None:

@@ -16,6 +16,12 @@
 localizations are worse than the bound, used to export honest precisions (``decode_var.inference.export``).
 ``epoch`` counts from 1 (the epochs trained); ``null`` where unknown. A ratio is ``null`` where not measured.
 
+A model that predicts its own sigma (``VAR.model.uncertainty``) has one more entry, ``"sigma"``
+(:class:`SigmaCalibration`): the post-hoc factors on its sigmas of phot, x, y, z (they are also in ``model.pt``,
+the model's ``sigma_scale``, where they apply), fitted on a held-out simulated set so that 68.3 % of the matched
+localizations lie within +-1 sigma, and the share within +-1 sigma before (``cover_*_raw``) and after
+(:func:`decode_var.evaluation.uncertainty.calibrate_sigma`). Cards without it stay as they were.
+
 It lives in ``evaluation`` (not ``inference``) because the trainer writes it and may import only lower layers.
 """
 from __future__ import annotations
@@ -30,7 +36,8 @@ from decode_var.core.atomic import atomic_write_text
 from decode_var.core.log import note, warn
 from decode_var.evaluation.crlb_scoring import precision_calibration
 
-__all__ = ["CARD_NAME", "CAMERA_KEYS", "ModelCard", "PrecisionCalibration", "card_path", "camera_of", "load_card",
+__all__ = ["CARD_NAME", "CAMERA_KEYS", "ModelCard", "PrecisionCalibration", "SigmaCalibration", "card_path",
+           "camera_of", "load_card",
            "update_card", "camera_mismatches", "check_camera", "refresh_card"]
 
 CARD_NAME = "model_card.json"
@@ -59,17 +66,47 @@ class PrecisionCalibration:
 
 
 @dataclass
+class SigmaCalibration:
+    """Post-hoc factors on a model's predicted sigmas of phot, x, y, z (DECODE's x = rows), fitted on held-out
+    simulated sets (at ``densities`` emitters per frame): from the 68.27 % quantile of |error| / sigma of the matched
+    localizations; the share within +-1 sigma before (``cover_*_raw``) and after, on those sets."""
+
+    scale_phot: float
+    scale_x: float
+    scale_y: float
+    scale_z: float
+    cover_x_raw: Optional[float]
+    cover_y_raw: Optional[float]
+    cover_z_raw: Optional[float]
+    cover_x: Optional[float]
+    cover_y: Optional[float]
+    cover_z: Optional[float]
+    n_matched: int
+    epoch: Optional[int] = None
+    measured_by: str = "decode-var-train"
+    densities: Optional[list] = None  #: emitters per frame of the held-out sets
+
+    def scales(self) -> tuple:
+        """(4,) factors for phot, x, y, z."""
+        return self.scale_phot, self.scale_x, self.scale_y, self.scale_z
+
+
+@dataclass
 class ModelCard:
-    """A model's camera (the training param's ``Camera`` values) and precision calibration; ``path``: its file."""
+    """A model's camera (the training param's ``Camera`` values), precision calibration and, for a model that
+    predicts its sigma, the sigma calibration; ``path``: its file."""
 
     camera: dict
     precision: Optional[PrecisionCalibration] = None
     path: Optional[Path] = None
+    sigma: Optional[SigmaCalibration] = None
 
     def to_json(self) -> str:
         precision = None if self.precision is None else {k: _plain(v) for k, v in asdict(self.precision).items()}
-        return json.dumps({"format": FORMAT, "camera": {k: _plain(v) for k, v in self.camera.items()},
-                           "precision": precision}, indent=1, allow_nan=False)
+        card = {"format": FORMAT, "camera": {k: _plain(v) for k, v in self.camera.items()}, "precision": precision}
+        if self.sigma is not None:
+            card["sigma"] = {k: _plain(v) for k, v in asdict(self.sigma).items()}
+        return json.dumps(card, indent=1, allow_nan=False)
 
 
 def _finite(v) -> bool:
@@ -108,7 +145,8 @@ def load_card(model_path: Union[str, Path]) -> Optional[ModelCard]:
         raw = json.loads(path.read_text())
         precision = raw.get("precision")
         precision = None if precision is None else PrecisionCalibration(**precision)
-        return ModelCard(dict(raw["camera"]), precision, path)
+        sigma = raw.get("sigma")
+        return ModelCard(dict(raw["camera"]), precision, path, None if sigma is None else SigmaCalibration(**sigma))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         warn(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}); the model's camera is not checked and "
              "exported precisions are not calibrated. Rewrite it with decode-var-eval on the model's param.")
@@ -116,16 +154,19 @@ def load_card(model_path: Union[str, Path]) -> Optional[ModelCard]:
 
 
 def update_card(model_path: Union[str, Path], param, precision: Optional[dict] = None,
-                epoch: Optional[int] = None, measured_by: str = "decode-var-train") -> Path:
+                epoch: Optional[int] = None, measured_by: str = "decode-var-train",
+                sigma: Optional[SigmaCalibration] = None) -> Path:
     """Write the card next to ``model_path`` (atomically): the camera of ``param`` and, when given, the
-    precision calibration (``precision_calibration``'s dict) measured at ``epoch``; without one, the card's
-    earlier calibration is kept."""
+    precision calibration (``precision_calibration``'s dict) measured at ``epoch`` and the sigma calibration;
+    each one not given is kept from the card's earlier version."""
     old = load_card(model_path)
     if precision is not None:
         calib = PrecisionCalibration(**precision, epoch=epoch, measured_by=measured_by)
     else:
         calib = old.precision if old is not None else None
-    return atomic_write_text(card_path(model_path), ModelCard(camera_of(param), calib).to_json())
+    if sigma is None and old is not None:
+        sigma = old.sigma
+    return atomic_write_text(card_path(model_path), ModelCard(camera_of(param), calib, sigma=sigma).to_json())
 
 
 def _same(a, b) -> bool:

@@ -54,7 +54,7 @@ from decode_var.config.param import load_param
 from decode_var.core.atomic import atomic_write, atomic_write_text
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
-from decode_var.core.log import warn
+from decode_var.core.log import note, warn
 from decode_var.core.version import __version__
 from decode_var.data.emitter_io import save_emitters
 from decode_var.data.simulation import astigmatism
@@ -66,7 +66,8 @@ from decode_var.inference.render import render as render_image, save_render
 
 __all__ = ["FORMATS", "export", "save_picasso", "save_thunderstorm", "decode_to_picasso_px",
            "decode_to_thunderstorm_nm", "psf_width_px", "export_paths", "write_fit_outputs", "readable_rows",
-           "localization_precision", "Precision", "MAX_FRAME_INDEX", "MAX_POSITION_PX"]
+           "localization_precision", "Precision", "MAX_FRAME_INDEX", "MAX_POSITION_PX", "lateral_sigma_nm",
+           "filter_max_sigma"]
 
 FORMATS = ("decode", "picasso", "thunderstorm")
 TS_COLUMNS_2D = ("id", "frame", "x [nm]", "y [nm]", "sigma [nm]", "intensity [photon]", "offset [photon]",
@@ -226,6 +227,42 @@ def _with_predicted_sigma(prec: Precision, em: EmitterSet, px_size_nm: np.ndarra
         return Precision(prec.sigma_E3, "the model's predicted sigma")
     prec.basis = "the model's predicted sigma where it gives one, else the " + prec.basis
     return prec
+
+
+def lateral_sigma_nm(em: EmitterSet, px_size_nm=None) -> np.ndarray:
+    """(E,) the model's predicted lateral sigma in nm, ``sqrt((x_sig^2 + y_sig^2) / 2)`` (ThunderSTORM's
+    ``uncertainty``), nan where it gives none. ``px_size_nm``: (2,) nm / px (default: the emitters' own)."""
+    if em.xyz_sig is None:
+        return np.full(len(em), np.nan)
+    size = _px_size(em, px_size_nm)
+    sig = em.xyz_sig[:, :2].double().numpy()
+    sig_nm = sig if em.xy_unit == "nm" else sig * size
+    return np.sqrt((sig_nm ** 2).mean(1))
+
+
+def filter_max_sigma(em: EmitterSet, max_sigma_nm: float, px_size_nm=None) -> EmitterSet:
+    """The localizations whose predicted lateral sigma (:func:`lateral_sigma_nm`) is at most ``max_sigma_nm``
+    (``decode-var-fit --max-sigma NM``); those without one are dropped too. One note counts what was dropped.
+
+    Raises:
+        InputDataError: ``max_sigma_nm`` is not a number > 0, or no localization carries a predicted sigma
+            (the model was trained without ``VAR.model.uncertainty``).
+    """
+    if not (isinstance(max_sigma_nm, (int, float)) and math.isfinite(max_sigma_nm) and max_sigma_nm > 0):
+        raise InputDataError(f"--max-sigma must be a number of nm > 0, got {max_sigma_nm!r}.")
+    sigma_nm = lateral_sigma_nm(em, px_size_nm)
+    if len(em) and not np.isfinite(sigma_nm).any():
+        raise InputDataError("--max-sigma filters on the model's predicted sigma, but these localizations carry none: "
+                             "train the model with VAR.model.uncertainty: true (docs/models.md), or leave --max-sigma "
+                             "out.")
+    keep = np.isfinite(sigma_nm) & (sigma_nm <= max_sigma_nm)
+    if not keep.all():
+        note(f"--max-sigma {max_sigma_nm:g} nm: {int((~keep).sum())} of {len(em)} localizations dropped "
+             f"({int((~np.isfinite(sigma_nm)).sum())} without a sigma).")
+    kept = em[torch.from_numpy(keep)]
+    if hasattr(em, "fit_report"):  # decode-var-fit's record of the movie (write_fit_outputs reads it)
+        kept.fit_report = em.fit_report
+    return kept
 
 
 def _in_px(v: np.ndarray, em: EmitterSet, px_size_nm: np.ndarray, squared: bool) -> np.ndarray:

@@ -14,6 +14,17 @@ Terms, per element (channel order as DECODE's PPXYZBLoss)::
 With ``channel_weights=[1]*6``, ``pos_weight=p_fg_weight`` and ``xyz_loss='mse'`` on one scale, the
 per-element loss is DECODE's ``PPXYZBLoss`` exactly.
 
+Uncertainty: an output with 10 channels (:class:`~decode_var.nn.model.VARMultiScale` with ``uncertainty``,
+its finest scale) carries the standard deviations ``[phot_sig, x_sig, y_sig, z_sig]`` after the 6 channels,
+in the same network units as the values. They are trained by a Gaussian negative log-likelihood on the
+cells that hold an emitter (target p = 1), in a slice of its own (:meth:`PPXYZBLoss.sigma_elementwise`)::
+
+    sigma term:   log(sigma) + (mu.detach() - target)^2 / (2 sigma^2),  times uncertainty_weight
+
+The predicted value ``mu`` is detached: the 6 channels are trained by their own terms exactly as without
+uncertainty (a learnt sigma would otherwise down-weight the hard emitters in the value's gradient, the
+known failure of a plain Gaussian NLL), and sigma learns how far off they are.
+
 Precision: inputs in float16 / bfloat16 are computed in float32 with autocast switched off inside
 the loss; float64 stays float64. A float16 output's gradient is saturated at +-65504 instead of
 overflowing to inf on the way back (the engine clips gradients anyway). The loss is finite for
@@ -29,7 +40,8 @@ multiplied by ``w_k * L / L_k`` and concatenated (``L = sum of L_k over the comp
     loss.mean() == sum_k w_k * mean_k(channel-weighted elementwise loss)
 
 The returned tensor is a :class:`LossMap`: it carries its own layout (scale index, name, start,
-length, weight per computed scale), which :meth:`PPXYZBLoss.log` reads for the per-scale breakdown,
+length, weight per computed scale; the sigma term of a 10-channel scale is one more slice, after the
+scales, counted in the same mean), which :meth:`PPXYZBLoss.log` reads for the per-scale breakdown,
 so ``log`` describes the value it is given, whichever forward or loss instance computed it.
 A single tensor (not a list) is scale 0 and gives DECODE's ``(N, 6, H, W)``.
 """
@@ -69,6 +81,8 @@ class ScaleSlice:
     start: int
     length: int
     weight: float
+    #: the slice holds the sigma NLL of scale ``index`` (channels phot, x, y, z; p and bg 0), not its loss
+    sigma: bool = False
 
 
 class LossMap(torch.Tensor):
@@ -165,6 +179,8 @@ class PPXYZBLoss:
             weighs as much as an 80 x 80 one); ``'cells'``: every cell of every scale weighs the
             same (VAR's mean over all tokens), so the finest grid dominates and the coarse ones
             act as auxiliary losses. Scale weights multiply either.
+        uncertainty_weight: factor on the sigma NLL of a 10-channel output (see the module docstring);
+            it has no effect on 6-channel outputs.
     """
 
     #: Capability read by :class:`decode_var.training.tasks.SixChannelTask`: scale and channel weights
@@ -175,7 +191,8 @@ class PPXYZBLoss:
                  channel_weights: str | Sequence[float] = "recommended", n_scales: int = 1,
                  scale_schedule: str = "warmup", start_scales: int = 1, stage_epochs: float = 5,
                  stage_warmup: float = 2, warmup_epochs: float = 20, forward_safety: bool = True,
-                 factors: Sequence[float] | None = None, scale_balance: str = "cells"):
+                 factors: Sequence[float] | None = None, scale_balance: str = "cells",
+                 uncertainty_weight: float = 1.0):
         # 1. terms
         self.pos_weight = _positive("pos_weight", pos_weight)
         # a super-resolved grid has factor**2 cells per input px and as many fewer emitter cells per
@@ -190,6 +207,7 @@ class PPXYZBLoss:
             raise ParamError(f"VAR.loss.xyz_loss = {xyz_loss!r} is unknown; choose one of {list(_XYZ_LOSSES)}.")
         self.xyz_loss = xyz_loss
         self.smooth_l1_beta = _non_negative("smooth_l1_beta", smooth_l1_beta)
+        self.uncertainty_weight = _non_negative("uncertainty_weight", uncertainty_weight)
         # 2. channel weights
         self._static_channel_weights = resolve_channel_weights(channel_weights)
         # 3. scale weights
@@ -225,7 +243,7 @@ class PPXYZBLoss:
         if scales:
             kwargs["factors"] = list(scales)
         for key in ("pos_weight", "xyz_loss", "smooth_l1_beta", "scale_schedule", "start_scales", "stage_epochs",
-                    "stage_warmup", "warmup_epochs", "scale_balance"):
+                    "stage_warmup", "warmup_epochs", "scale_balance", "uncertainty_weight"):
             value = _get(section, key, None)
             if value is not None:
                 kwargs[key] = value
@@ -308,6 +326,23 @@ class PPXYZBLoss:
             # same order of products as DECODE, so the static case matches it bit for bit
             return loss * wgt * self._channel_weight_view(out.device, dtype)
 
+    @staticmethod
+    def sigma_elementwise(output_NCHW: torch.Tensor, target_N6HW: torch.Tensor) -> torch.Tensor:
+        """Gaussian NLL of the standard deviations of a 10-channel output, ``(N, 6, H, W)``: channels phot, x, y,
+        z hold ``log(sigma) + (mu.detach() - target)^2 / (2 sigma^2)`` on the cells whose target p is 1 and 0
+        elsewhere (p and bg are 0). Network units; sigma (channels 6..9) must be > 0 (the model's floor)."""
+        out, tar = _to_compute_dtype(output_NCHW), _to_compute_dtype(target_N6HW)
+        dtype = torch.promote_types(out.dtype, tar.dtype)
+        out, tar = out.to(dtype), tar.to(dtype)
+        with _no_autocast(out.device):
+            on_N1HW = tar[:, :1] >= 0.5
+            # off the emitter cells sigma = 1 and the error 0 (a log of 1, no 0 * inf in the gradient)
+            sigma_N4HW = torch.where(on_N1HW, out[:, 6:10], torch.ones_like(out[:, 6:10]))
+            error_N4HW = torch.where(on_N1HW, out[:, 1:5].detach() - tar[:, 1:5], torch.zeros_like(tar[:, 1:5]))
+            nll_N4HW = torch.log(sigma_N4HW) + 0.5 * (error_N4HW / sigma_N4HW) ** 2
+            zero_N1HW = torch.zeros_like(tar[:, :1])
+            return torch.cat((zero_N1HW, nll_N4HW, zero_N1HW), 1)
+
     def forward(self, output: TensorOrList, target: TensorOrList, weight: TensorOrList) -> LossMap:
         """Per-element loss: ``(N, 6, H, W)`` for single tensors, ``(N, 6, L)`` for per-scale lists, as a
         :class:`LossMap` holding its layout.
@@ -317,7 +352,7 @@ class PPXYZBLoss:
             target: ``[p, phot, x, y, z, bg]`` per scale, normalised units (see module doc).
             weight: 6-channel weight map per scale (DECODE SimpleWeight).
         """
-        single = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor)
+        single = isinstance(output, torch.Tensor) and isinstance(target, torch.Tensor) and output.size(1) == 6
         outs, tars, wgts = _as_list(output, "output"), _as_list(target, "target"), _as_list(weight, "weight")
         n = len(outs)
         if self.forward_safety:
@@ -334,14 +369,22 @@ class PPXYZBLoss:
                              f"(scale weights {self._scale_weights}); the model must compute at least the first "
                              f"{self.active_scales} scale(s).")
         lengths = {k: outs[k][0, 0].numel() for k in computed}
-        total = sum(lengths.values())
+        with_sigma = [k for k in computed if outs[k].size(1) == 10]  # their sigma NLL: one slice each, after the scales
+        total = sum(lengths.values()) + sum(lengths[k] for k in with_sigma)
         norm = {k: (lengths[k] if self.scale_balance == "mean" else max(lengths.values())) for k in computed}
         layout, pieces, start = [], [], 0
         for k in computed:
             w_k = self._scale_weights[k]
-            loss = self.elementwise(outs[k], tars[k], wgts[k], k).flatten(2)
+            out_k = outs[k] if k not in with_sigma else outs[k][:, :6]
+            loss = self.elementwise(out_k, tars[k], wgts[k], k).flatten(2)
             pieces.append(loss * (w_k * total / norm[k]))
             layout.append(ScaleSlice(k, _scale_name(k, outs[k]), start, lengths[k], w_k))
+            start += lengths[k]
+        for k in with_sigma:
+            w_k = self._scale_weights[k]
+            nll = self.sigma_elementwise(outs[k], tars[k]).flatten(2)
+            pieces.append(nll * (w_k * self.uncertainty_weight * total / norm[k]))
+            layout.append(ScaleSlice(k, _scale_name(k, outs[k]) + "_sigma", start, lengths[k], w_k, sigma=True))
             start += lengths[k]
         return LossMap.of(torch.cat(pieces, dim=-1), layout)
 
@@ -355,9 +398,10 @@ class PPXYZBLoss:
             raise ShapeError(f"the loss got {len(outs)} output scales but {len(tars)} target and {len(wgts)} weight "
                              "scales; every output scale needs its target and weight.")
         for k, (o, t, w) in enumerate(zip(outs, tars, wgts)):
-            if o.dim() != 4 or o.size(1) != 6 or o.shape != t.shape or o.shape != w.shape:
+            if o.dim() != 4 or o.size(1) not in (6, 10) or o[:, :6].shape != t.shape or t.shape != w.shape:
                 raise ShapeError(f"scale {k}: output {tuple(o.shape)}, target {tuple(t.shape)} and weight "
-                                 f"{tuple(w.shape)} must all be (N, 6, H, W) of the same size.")
+                                 f"{tuple(w.shape)} must all be (N, 6, H, W) of the same size (the output may have "
+                                 "10 channels: the 6, then the standard deviations of phot, x, y, z).")
 
     # ------------------------------------------------------------------ logging
     def log(self, loss_val: torch.Tensor) -> tuple[float, dict]:
@@ -370,6 +414,9 @@ class PPXYZBLoss:
             come from the layout ``loss_val`` carries (a :class:`LossMap` of :meth:`forward`, also
             after ``torch.cat`` along the batch dimension, as DECODE's test loop does); a plain
             tensor gives the channel keys only. A single-tensor loss is scale 0.
+            With a sigma slice (a 10-channel output): ``'sigma'`` (its contribution to the total) and
+            ``'sigma_phot'`` ... ``'sigma_z'`` (its per-channel part); the channel keys then leave it out (the
+            adaptive channel weights see the 6 channels' own losses) and the total is their mean + ``'sigma'``.
         """
         layout = list(getattr(loss_val, "scale_slices", ()))
         v = loss_val.detach().as_subclass(torch.Tensor)  # plain tensor maths from here
@@ -378,18 +425,23 @@ class PPXYZBLoss:
             raise ShapeError(f"log expects the loss of forward, (N, 6, ...); got {tuple(loss_val.shape)}.")
         per_pos = flat.float().mean(0)  # (6, L)
         length = per_pos.size(1)
-        rows = [per_pos.mean(1)]
-        if layout and sum(s.length for s in layout) == length:
-            for s in layout:
-                rows.append(per_pos[:, s.start:s.start + s.length].sum(1) / length)
-        else:
+        if not (layout and sum(s.length for s in layout) == length):
             layout = []
+        sigma_starts = [s.start for s in layout if s.sigma]  # the sigma slices come after the scales
+        rows = [per_pos.mean(1) if not sigma_starts else per_pos[:, :min(sigma_starts)].sum(1) / length]
+        for s in layout:
+            rows.append(per_pos[:, s.start:s.start + s.length].sum(1) / length)
         values = torch.stack(rows).cpu().tolist()  # one device sync for all components
         components = dict(zip(CHANNELS, values[0]))
         for s, row in zip(layout, values[1:]):
+            if s.sigma:  # one slice per 10-channel scale; the model has one
+                components["sigma"] = components.get("sigma", 0.0) + math.fsum(row) / 6
+                for ch, r in zip(CHANNELS[1:5], row[1:5]):
+                    components[f"sigma_{ch}"] = components.get(f"sigma_{ch}", 0.0) + r
+                continue
             components[f"s{s.index}"] = math.fsum(row) / 6
             components.update({f"s{s.index}_{ch}": r for ch, r in zip(CHANNELS, row)})
-        return math.fsum(values[0]) / 6, components
+        return math.fsum(values[0]) / 6 + components.get("sigma", 0.0), components
 
     # ------------------------------------------------------------------ diagnostics
     @torch.no_grad()
@@ -413,15 +465,18 @@ class PPXYZBLoss:
             t = tars[k] if k < len(tars) else None
             w = wgts[k] if k < len(wgts) else None
             tensors = [("output", o), ("target", t), ("weight", w)]
-            if self._scale_weights[k] > 0 and t is not None and w is not None and o.shape == t.shape == w.shape:
-                tensors.append(("loss", self.elementwise(o, t, w, k)))
+            if self._scale_weights[k] > 0 and t is not None and w is not None and o[:, :6].shape == t.shape == w.shape:
+                tensors.append(("loss", self.elementwise(o[:, :6], t, w, k)))
+                if o.size(1) == 10:
+                    tensors.append(("sigma NLL", self.sigma_elementwise(o, t)))
             for what, x in tensors:
                 if x is None or x.dim() < 2 or not x.is_floating_point():
                     continue
                 bad = (~torch.isfinite(x)).flatten(2).sum((0, 2)) if x.dim() > 2 else (~torch.isfinite(x)).sum(0)
+                names = CHANNELS + tuple(f"{ch}_sig" for ch in CHANNELS[1:5])
                 for c, count in enumerate(bad.cpu().tolist()):
                     if count:
-                        ch = CHANNELS[c] if c < len(CHANNELS) else str(c)
+                        ch = names[c] if c < len(names) else str(c)
                         lines.append(f"scale {k} ({name}) channel {ch}: {count} non-finite elements in {what}")
         return lines
 

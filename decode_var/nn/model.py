@@ -11,7 +11,9 @@ ScaleSchedule`, coarsest first, and each scale is conditioned on the scales befo
    scale k sees the tokens of scales <= k in its window (VAR's ``attn_bias_for_masking``).
 3. Finer and super-resolved scales refine with convolutions on their own grid, from the encoder
    features, the upsampled hidden state of scale k-1 and the re-centred map of scale k-1.
-4. A 1x1 head per scale gives the 6 channels.
+4. A 1x1 head per scale gives the 6 channels; with ``uncertainty`` a second 1x1 head on the finest
+   hidden state gives 4 more, the standard deviations ``[phot_sig, x_sig, y_sig, z_sig]`` (network units,
+   > 0: softplus + :data:`SIGMA_MIN`), trained by the loss's Gaussian NLL.
 
 The map a finer scale is conditioned on is the prediction of the coarser scale (p through a
 sigmoid, detached: no gradient flows from a fine loss into a coarse prediction, as with VAR's
@@ -46,6 +48,14 @@ from decode_var.core.scales import ScaleSchedule
 from decode_var.registry import register_model
 
 CONDITIONING = ("next_scale", "independent", "single")
+#: Floor of a predicted standard deviation, network units (1e-3 cells = 0.1 nm at 100 nm px): keeps the NLL's
+#: 1 / sigma^2 finite.
+SIGMA_MIN = 1e-3
+#: Initial predicted standard deviation, network units (a tenth of a cell, of z_max, of phot_max).
+SIGMA_INIT = 0.1
+#: Channels of the eval output with ``uncertainty``: the 6 of every model, then the 4 standard deviations
+#: (``[p, phot, x, y, z, bg, phot_sig, x_sig, y_sig, z_sig]``; the post-processing's photxyz_sigma_mapping).
+SIGMA_CHANNELS = (6, 7, 8, 9)
 #: Version of what a VARMultiScale checkpoint means. 2: conditioning offsets in cells of each scale
 #: (decode-var 0.2); a format-1 checkpoint loads without a shape error but predicts differently.
 _EXTRA_STATE_FORMAT = 2
@@ -117,6 +127,9 @@ class VARMultiScale(nn.Module):
         activation: conv non-linearity, a ``torch.nn`` name or class.
         head_init_scale: factor on the default init of the 1x1 output heads.
         seed: seeds the teacher-forcing coin (``tf_generator``); None = the global torch RNG.
+        uncertainty: add the finest scale's standard deviations of phot, x, y, z (channels
+            :data:`SIGMA_CHANNELS` of its map, in train and eval mode). Off, the model is exactly the
+            6-channel one (same parameters, same random draws).
     """
 
     #: Capability read by :func:`decode_var.training.tasks.is_progressive`: the train-mode forward takes
@@ -128,7 +141,7 @@ class VARMultiScale(nn.Module):
                  window: int = 8, conditioning: str = "next_scale", teacher_forcing: float = 1.0,
                  teacher_forcing_end: float = 0.0, teacher_forcing_epochs: float = 20, p_init: float = 0.01,
                  detach_condition: bool = True, activation: Union[str, type] = "ELU",
-                 head_init_scale: float = 0.1, seed: Optional[int] = None):
+                 head_init_scale: float = 0.1, seed: Optional[int] = None, uncertainty: bool = False):
         super().__init__()
         # 0. hyperparameters and the scales this instance predicts
         _check_arguments(conditioning, channels_in, p_init)
@@ -182,6 +195,7 @@ class VARMultiScale(nn.Module):
         self.heads = nn.ModuleList(nn.Conv2d(c, 6, 1) for c in head_in)
 
         self._init_weights(p_init, head_init_scale)
+        self._add_uncertainty(bool(uncertainty), head_in[-1], head_init_scale)  # 7. optional sigma head
 
     # ------------------------------------------------------------------ construction helpers
     def _refine_stages(self, prev_width: Optional[int], features: int, act) -> nn.ModuleList:
@@ -197,6 +211,21 @@ class VARMultiScale(nn.Module):
             stages.append(RefineStage(widths[self._level[k]], prev_width, width, self.conditioned, act))
             prev_width = width
         return stages
+
+    def _add_uncertainty(self, uncertainty: bool, width: int, head_init_scale: float) -> None:
+        """``sigma_head`` (None without ``uncertainty``): a 1x1 conv on the finest hidden state -> 4 raw values per
+        cell, starting small, at sigma = :data:`SIGMA_INIT` everywhere. Built after every other parameter, so that
+        they draw the same initial values with or without it. ``sigma_scale``: post-hoc factors on the sigmas of
+        phot, x, y, z in eval mode (the NLL trains the raw ones), fitted on a held-out simulated set by
+        :func:`decode_var.evaluation.uncertainty.calibrate_sigma`; saved in ``model.pt``."""
+        self.uncertainty = uncertainty
+        self.sigma_head = None
+        if not uncertainty:
+            return
+        self.sigma_head = nn.Conv2d(width, 4, 1)
+        self.sigma_head.weight.data.mul_(head_init_scale)
+        nn.init.constant_(self.sigma_head.bias, math.log(math.expm1(SIGMA_INIT - SIGMA_MIN)))  # softplus^-1
+        self.register_buffer("sigma_scale", torch.ones(4))
 
     def _init_weights(self, p_init: float, head_init_scale: float) -> None:
         for name, m in self.named_modules():
@@ -236,7 +265,7 @@ class VARMultiScale(nn.Module):
                    token_max_factor=float(vm.token_max_factor), window=int(vm.window), conditioning=vm.conditioning,
                    teacher_forcing=float(tf.start), teacher_forcing_end=float(tf.end),
                    teacher_forcing_epochs=float(tf.epochs), p_init=float(p_init), detach_condition=vm.detach_condition,
-                   activation=activation, seed=int(var.seed))
+                   activation=activation, seed=int(var.seed), uncertainty=bool(vm.get("uncertainty") or False))
 
     # ------------------------------------------------------------------ teacher forcing
     def predicted_factors(self) -> list[float]:
@@ -304,6 +333,7 @@ class VARMultiScale(nn.Module):
                 n_active: Optional[int] = None):
         """Train mode: list of raw (N, 6, h_k, w_k) maps, k = 0 .. n_active - 1, p as logits.
         Eval mode: (N, 6, H', W') of the finest active scale with p in [0, 1].
+        With ``uncertainty`` the finest scale's map has 10 channels, the standard deviations last.
 
         Args:
             frames_NCHW: (N, channels_in, size_x, size_y) frames (DECODE's scaled input).
@@ -390,8 +420,17 @@ class VARMultiScale(nn.Module):
 
     def _head(self, k: int, hidden_NChw: torch.Tensor) -> torch.Tensor:
         """Raw map of scale ``k`` from its hidden state: the only place a head is applied (the sparse
-        inference path, :mod:`decode_var.nn.sparse`, calls it on the cells it computes)."""
-        return self.heads[k](hidden_NChw).float()
+        inference path, :mod:`decode_var.nn.sparse`, calls it on the cells it computes). (N, 6, h, w);
+        (N, 10, h, w) at the finest scale with ``uncertainty``, channels 6..9 the standard deviations
+        of phot, x, y, z in network units (> :data:`SIGMA_MIN`; in eval mode times ``sigma_scale``, the
+        post-hoc calibration)."""
+        out_N6hw = self.heads[k](hidden_NChw).float()
+        if self.sigma_head is None or k != len(self.schedule) - 1:
+            return out_N6hw
+        sigma_N4hw = F.softplus(self.sigma_head(hidden_NChw).float()) + SIGMA_MIN
+        if not self.training:
+            sigma_N4hw = sigma_N4hw * self.sigma_scale.float().view(1, 4, 1, 1)
+        return torch.cat([out_N6hw, sigma_N4hw], 1)
 
     def _crop(self, outs: list, shape) -> list:
         """Each scale's map cut to the frame's own grid (the model computed it on the padded one)."""
@@ -447,7 +486,8 @@ class VARMultiScale(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def _config(self) -> dict:
         return {"format": _EXTRA_STATE_FORMAT, "channels_in": self.channels_in,
-                "factors": [float(f) for f in self.schedule.factors], "conditioning": self.conditioning}
+                "factors": [float(f) for f in self.schedule.factors], "conditioning": self.conditioning,
+                "uncertainty": self.uncertainty}
 
     def get_extra_state(self) -> dict:
         return self._config()
@@ -463,12 +503,12 @@ class VARMultiScale(nn.Module):
                 f"this version reads format {mine['format']}): the units of the coarse-to-fine conditioning "
                 "changed, so its weights would predict wrongly. Retrain the model with this version, or fit "
                 "with the decode-var version it was trained with.")
-        for key in ("channels_in", "factors", "conditioning"):
-            if key in state and state[key] != mine[key]:
+        for key in ("channels_in", "factors", "conditioning", "uncertainty"):
+            if state.get(key, False if key == "uncertainty" else mine[key]) != mine[key]:
                 raise CheckpointError(
-                    f"checkpoint was trained with {key} = {state[key]!r}, this model has {mine[key]!r}. "
+                    f"checkpoint was trained with {key} = {state.get(key, False)!r}, this model has {mine[key]!r}. "
                     f"Build the model from the param file the checkpoint was trained with "
-                    f"(HyperParameter.channels_in, VAR.scales, VAR.model.conditioning).")
+                    f"(HyperParameter.channels_in, VAR.scales, VAR.model.conditioning, VAR.model.uncertainty).")
 
 
 def default_p_init(emitter_av, schedule: ScaleSchedule) -> float:

@@ -351,8 +351,13 @@ def sparse_forward(model, frames_NCHW: torch.Tensor, threshold: float = DEFAULT_
                      computed_NHW=torch.ones((x.shape[0],) + size, dtype=torch.bool, device=x.device))
         model._refine_scales(n_tok, K, model.encoder.top_down(enc, 0, feats), grids, hidden, outs)
         return model.eval_output(outs[-1][..., :size[0], :size[1]])
-    _fine_levels(model, enc, feats, plan, stop_level)
-    raw, finest = _sparse_scales(model, plan, feats, hidden, outs[-1], grids)
+    finest = plan.stage[K - 1][-1]
+    if len(finest) == 0:  # no coarse cell sees an emitter: no emitter anywhere
+        width = model.refine[-1].width
+        raw = model._head(K - 1, x.new_zeros(1, width, 1, 1))[:, :, 0, 0][:0]
+    else:
+        _fine_levels(model, enc, feats, plan, stop_level)
+        raw, finest = _sparse_scales(model, plan, feats, hidden, outs[-1], grids)
     stats.update(path="sparse", active_share=len(finest) / max(1, finest.mask.numel()),
                  computed_NHW=finest.mask[:, :size[0], :size[1]])
     return _finest_map(model, raw, finest, outs[-1])[..., :size[0], :size[1]]

@@ -8,8 +8,9 @@
 
 A loss class chooses its task with a class attribute ``task`` (``"six_channel"``, the default, or
 ``"gmm"``). The rest is asked of capabilities, never of types, each with the default of a model or loss
-that lacks it (DECODE's, a plugin's): a model with ``progressive`` (:func:`is_progressive`) and
-``predicted_factors()`` (:func:`scale_factors`); a loss with ``scheduled`` (:func:`is_scheduled`).
+that lacks it (DECODE's, a plugin's): a model with ``progressive`` (:func:`is_progressive`),
+``predicted_factors()`` (:func:`scale_factors`) and ``uncertainty`` (:func:`predicts_sigma`); a loss with
+``scheduled`` (:func:`is_scheduled`).
 Units: ``physical_output`` returns photons, px offsets from the cell centre, nm and
 photons / px; everything the model sees or returns inside a step is in network units (see
 :class:`decode_var.data.targets.TargetRescale`).
@@ -24,7 +25,9 @@ import torch
 from decode_var.core.channels import CHANNELS
 from decode_var.core.scales import ScaleSchedule
 from decode_var.data.targets import MultiScaleTargets, TargetRescale
+from decode_var.evaluation import postprocessing
 from decode_var.nn.loss import unit_weight_loss
+from decode_var.nn.model import SIGMA_CHANNELS
 
 
 def is_progressive(model) -> bool:
@@ -33,6 +36,13 @@ def is_progressive(model) -> bool:
     ``set_epoch(epoch)``, a ``teacher_forcing`` probability and ``seed_coins(seed)``. Without it (DECODE's
     models, a plugin's) the model is called as DECODE calls it, ``model(frames)``."""
     return bool(getattr(model, "progressive", False))
+
+
+def predicts_sigma(model) -> bool:
+    """``model.uncertainty`` (:class:`~decode_var.nn.model.VARMultiScale` with ``VAR.model.uncertainty``): its
+    finest map has 10 channels, ``[p, phot, x, y, z, bg]`` then the standard deviations of phot, x, y, z
+    (:data:`~decode_var.nn.model.SIGMA_CHANNELS`), in the network units of the values."""
+    return bool(getattr(model, "uncertainty", False))
 
 
 def is_scheduled(loss) -> bool:
@@ -127,16 +137,19 @@ class Task(ABC):
 
 
 class SixChannelTask(Task):
-    """6-channel models (VARMultiScale + AdaptivePPXYZB, ...): targets and weights on every scale."""
+    """6-channel models (VARMultiScale + AdaptivePPXYZB, ...): targets and weights on every scale; with
+    :func:`predicts_sigma`, 4 standard deviations after the 6 channels of the finest map, carried into the
+    localizations' ``phot_sig`` and ``xyz_sig``."""
 
     def __init__(self, param, backend, model, loss):
         super().__init__(param, backend, model, loss)
         self.schedule = ScaleSchedule.parse(param, scale_factors(param, model))  # the model's own scales
         self.targets = MultiScaleTargets.parse(param, backend, self.schedule)
         self.rescale = TargetRescale.parse(param)
-        self.post = backend.post_processing(param, self.schedule.finest)
         self.progressive = is_progressive(model)  # teacher forcing, coins, scale outputs
         self.scheduled = is_scheduled(loss)  # scale and channel weights with a state
+        self.sigma = predicts_sigma(model)  # 10-channel finest map
+        self.post = self.postprocessor(self.schedule.finest)
 
     def make_targets(self, batch, n):
         return self.targets(batch.em, batch.bg_NHW, n)
@@ -151,21 +164,41 @@ class SixChannelTask(Task):
         return self.loss(out, targets, weights), out
 
     def to_physical(self, out) -> torch.Tensor:
-        """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1)."""
-        return self.rescale.inverse(out.float(), self.schedule.finest.cell_size)
+        """Finest-scale output in photons, px offsets, nm, photons / px (p in 0..1); standard deviations
+        (channels 6..9, with :func:`predicts_sigma`) in photons, px, px, nm."""
+        cell = self.schedule.finest.cell_size
+        out = out.float()
+        if out.size(1) == 6:
+            return self.rescale.inverse(out, cell)
+        return torch.cat([self.rescale.inverse(out[:, :6], cell), out[:, 6:] * self._sigma_scale(cell, out)], 1)
+
+    def _sigma_scale(self, cell_size, like: torch.Tensor) -> torch.Tensor:
+        """(1, 4, 1, 1) network -> physical units of the standard deviations of phot, x, y, z (those of the values,
+        :class:`~decode_var.data.targets.TargetRescale`, without an offset)."""
+        r = self.rescale
+        return torch.tensor([r.phot_max, cell_size[0], cell_size[1], r.z_max], device=like.device,
+                            dtype=like.dtype)[None, :, None, None]
 
     def fixed_loss(self, out_phys_N6HW, tgt) -> torch.Tensor:
         """Per-sample loss ``(N,)`` of the finest scale with unit channel weights, from the eval output of
-        :meth:`physical_output`: a definition that does not change during the run (training curves)."""
+        :meth:`physical_output` (its 6 channels): a definition that does not change during the run."""
         targets, weights = tgt
-        out_N6HW = self.rescale.forward(out_phys_N6HW, self.schedule.finest.cell_size)
+        out_N6HW = self.rescale.forward(out_phys_N6HW[:, :6], self.schedule.finest.cell_size)
         return unit_weight_loss(out_N6HW, targets[-1], weights[-1])
 
     def postprocess(self, out_phys):
         return self.post.forward(out_phys) if self.post is not None else None
 
     def postprocessor(self, grid):
-        return self.backend.post_processing(self.param, grid)
+        """The backend's post-processing; with :func:`predicts_sigma` decode-var's own (DECODE's as the decode
+        backend builds it reads no sigma channels; on the 1x grid the two agree bit for bit), reading the
+        standard deviations into ``phot_sig`` and ``xyz_sig``."""
+        if not self.sigma:
+            return self.backend.post_processing(self.param, grid)
+        post = postprocessing.parse(self.param, grid)
+        if post is not None:
+            post.photxyz_sigma_mapping = SIGMA_CHANNELS
+        return post
 
     def nonfinite_report(self, out, tgt):
         if not self.scheduled:

@@ -37,13 +37,14 @@ from decode_var.core.seeds import derive_seed
 from decode_var.evaluation.crlb_scoring import precision_calibration
 from decode_var.evaluation.protocol import ground_truth, score, test_set_seed, test_set_size
 from decode_var.evaluation.model_card import update_card
+from decode_var.evaluation.uncertainty import calibrate_sigma
 from decode_var.evaluation.plots import plot_training_curves
 from decode_var.training import checkpoint as ckpt_io
 from decode_var.training.distributed import SingleProcess, wrap_model
 from decode_var.training.prefetch import Prefetcher
 from decode_var.training.schedules import TimeBudget, build_lr_scheduler, grad_clip_norm, step_lr_scheduler
 from decode_var.training.components import build
-from decode_var.training.tasks import component_vector
+from decode_var.training.tasks import component_vector, predicts_sigma
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "EpochLog", "derive_seed"]
 
@@ -248,6 +249,7 @@ class Trainer:
             # a run killed between its checkpoint and its log files leaves them one epoch behind: the
             # checkpoint's history is the truth, also when nothing is left to train
             self._write_history()
+        start_epoch = self.epoch
         with _graceful_stop(self):
             while self.epoch < epochs:
                 entry = self.train_epoch()
@@ -260,7 +262,22 @@ class Trainer:
                 # a stop that arrives during the last epoch changes nothing: the run is complete
                 if self.epoch < epochs and self._any_rank(self._stop_requested):
                     raise TrainingInterrupted(f"stopped after epoch {self.epoch}; checkpoint written", self.exp_dir)
+        if self.epoch > start_epoch and predicts_sigma(self.model):
+            self._calibrate_sigma()
         return self.history
+
+    def _calibrate_sigma(self) -> None:
+        """The post-hoc factors of the predicted sigmas, fitted on held-out simulated sets once training is
+        complete (:func:`decode_var.evaluation.uncertainty.calibrate_sigma`; every rank holds the same model
+        and draws the same sets), saved in ``model.pt`` and the model card."""
+        record = calibrate_sigma(self.parts, epoch=self.epoch)
+        if self.proc.is_main and self.exp_dir is not None:
+            self.save()
+            update_card(self.exp_dir / "model.pt", self.param, sigma=record)
+            cover = ", ".join(f"{axis} {'n/a' if c is None else f'{c:.2f}'}"
+                              for axis, c in zip("xyz", (record.cover_x, record.cover_y, record.cover_z)))
+            note(f"sigma calibration: factors x {record.scale_x:.3g}, y {record.scale_y:.3g}, z {record.scale_z:.3g}; "
+                 f"within +-1 sigma {cover}")
 
     def _follow_budget(self, budget: TimeBudget, epochs: int) -> int:
         """The epochs to train in all after one more epoch under ``budget``: planned once per run (rank 0's
