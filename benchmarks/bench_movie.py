@@ -42,13 +42,16 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from decode_var.data.emitter_io import load_emitters
 from decode_var.core.emitters import EmitterSet
 from decode_var.evaluation.matching import GreedyHungarianMatching, evaluate, precision_recall_jaccard
 from decode_var.config.param import load_param
+from decode_var.data.movie import blinking_emitters
 from decode_var.data.simulation import Camera, Simulator, astigmatism, perlin_NHW
+# the classical fitter's pieces live in the package (decode-var-init measures movies with them); the names
+# stay importable from here
+from decode_var.data.spots import cut_rois, detect, integrated_1d as _integrated_1d, mle_fit  # noqa: F401
 
 BG_KINDS = ("const", "per_frame", "smooth")
 DENSITIES = (2.0, 6.0, 15.0)
@@ -58,31 +61,6 @@ BLOCK = 100  # frames per block for the standard errors
 
 
 # ------------------------------------------------------------------------------------------ movies
-def blinking_emitters(sim: Simulator, n_frames: int, density: float):
-    """Emitters of a continuous movie (global RNG): xyz (P, 3) px/px/nm, phot (P,), frame (P,), id (P,).
-
-    Start times uniform on [-3 L, n_frames + 3 L), on-times exponential with mean L = lifetime_avg
-    frames, Poisson count ``density * span / (L + 1)`` (an emitter touches L + 1 frames on average);
-    a frame gets ``flux * (time on in that frame)`` photons (DECODE's EmitterSamplerBlinking)."""
-    L = sim.lifetime
-    t_lo, t_hi = -3 * L, n_frames + 3 * L
-    n = int(torch.poisson(torch.tensor(density * (t_hi - t_lo) / (L + 1))))
-    span = sim.extent[:, 1] - sim.extent[:, 0]
-    xyz_E3 = sim.extent[:, 0] + torch.rand(n, 3) * span
-    flux_E = torch.clamp(sim.mu + sim.sig * torch.randn(n), min=sim.intensity_th)
-    t0_E = t_lo + torch.rand(n) * (t_hi - t_lo)
-    te_E = t0_E + torch.empty(n).exponential_(1 / L)
-    f0_E = torch.floor(t0_E).long()
-    n_span_E = torch.floor(te_E).long() - f0_E + 1
-    e_P = torch.repeat_interleave(torch.arange(n), n_span_E)
-    first_P = torch.repeat_interleave(torch.cumsum(n_span_E, 0) - n_span_E, n_span_E)
-    frame_P = f0_E[e_P] + torch.arange(len(e_P)) - first_P
-    on_P = torch.minimum(te_E[e_P], frame_P + 1.0) - torch.maximum(t0_E[e_P], frame_P.float())
-    keep = (frame_P >= 0) & (frame_P < n_frames) & (on_P > 0)
-    e_P, frame_P, on_P = e_P[keep], frame_P[keep], on_P[keep]
-    return xyz_E3[e_P], flux_E[e_P] * on_P, frame_P, e_P
-
-
 def movie_background(kind: str, n_frames: int, img_shape, bg_lo: float, bg_hi: float) -> torch.Tensor:
     """(F, H, W) background, photons / px (global RNG); see the module docstring for the kinds."""
     if kind == "per_frame":
@@ -122,83 +100,6 @@ def simulate_movie(param, n_frames: int, density: float, bg_kind: str, seed: int
 
 
 # ------------------------------------------------------------------------------ classical fitter
-def _gauss_filter(x_F1HW: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    r = int(math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x_F1HW.dtype) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    x = F.conv2d(F.pad(x_F1HW, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-
-
-def local_background(frames_FHW: torch.Tensor, block: int = 8, q: float = 0.3) -> torch.Tensor:
-    """(F, H, W) background estimate, photons / px: the q-quantile of each block x block tile, bilinear."""
-    f, h, w = frames_FHW.shape
-    hb, wb = -(-h // block), -(-w // block)
-    x = F.pad(frames_FHW[:, None], (0, wb * block - w, 0, hb * block - h), mode="replicate")[:, 0]
-    tiles = x.view(f, hb, block, wb, block).permute(0, 1, 3, 2, 4).reshape(f, hb, wb, block * block)
-    q_FHbWb = tiles.quantile(q, dim=-1)
-    return F.interpolate(q_FHbWb[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-
-
-def detect(photons_FHW: torch.Tensor, threshold: float):
-    """Local maxima (3 x 3) of the Gaussian-filtered, background-subtracted frames above ``threshold``
-    photons / px: (frame, row, col) long tensors."""
-    signal = _gauss_filter((photons_FHW - local_background(photons_FHW))[:, None])
-    peak = signal == F.max_pool2d(signal, 3, stride=1, padding=1)
-    f, _, r, c = torch.nonzero(peak & (signal > threshold), as_tuple=True)
-    return f, r, c
-
-
-def _integrated_1d(centre_R: torch.Tensor, pos_E: torch.Tensor, sig_E: torch.Tensor):
-    """Pixel integrals of a unit 1D Gaussian and their derivatives wrt position and width: (E, R) each."""
-    hi = (centre_R[None] + 0.5 - pos_E[:, None]) / sig_E[:, None]
-    lo = (centre_R[None] - 0.5 - pos_E[:, None]) / sig_E[:, None]
-    val = 0.5 * (torch.erf(hi / math.sqrt(2)) - torch.erf(lo / math.sqrt(2)))
-    g_hi, g_lo = torch.exp(-hi ** 2 / 2) / math.sqrt(2 * math.pi), torch.exp(-lo ** 2 / 2) / math.sqrt(2 * math.pi)
-    d_pos = -(g_hi - g_lo) / sig_E[:, None]
-    d_sig = -(hi * g_hi - lo * g_lo) / sig_E[:, None]
-    return val, d_pos, d_sig
-
-
-def mle_fit(roi_ERR: torch.Tensor, n_iter: int = 12, damping: float = 1e-2) -> torch.Tensor:
-    """Poisson MLE of an elliptical pixel-integrated Gaussian on (E, R, R) ROIs of photons.
-
-    Returns (E, 6): x, y (px, relative to the ROI centre, x along rows), photons, bg (photons / px),
-    sigma_x, sigma_y (px). Fisher scoring (J^T diag(1/mu) J) with Levenberg-Marquardt damping.
-    NaN pixels (outside the frame) do not enter the likelihood."""
-    inside_EP = torch.isfinite(roi_ERR).flatten(1).double()
-    roi = torch.nan_to_num(roi_ERR.double(), nan=0.0).clamp(min=0.0)
-    n_roi, R = roi.shape[0], roi.shape[-1]
-    centre_R = torch.arange(R, dtype=torch.float64) - (R - 1) / 2
-    bg0 = torch.nanquantile(roi_ERR.double().flatten(1), 0.2, dim=1).nan_to_num(1.0)
-    theta = torch.stack([torch.zeros(n_roi, dtype=torch.float64), torch.zeros(n_roi, dtype=torch.float64),
-                         (roi - bg0[:, None, None]).clamp(min=0).flatten(1).sum(1).clamp(min=10.0),
-                         bg0.clamp(min=0.1), torch.full((n_roi,), 1.3, dtype=torch.float64),
-                         torch.full((n_roi,), 1.3, dtype=torch.float64)], 1)
-    lo = torch.tensor([-(R - 1) / 2, -(R - 1) / 2, 1.0, 0.01, 0.5, 0.5], dtype=torch.float64)
-    hi = torch.tensor([(R - 1) / 2, (R - 1) / 2, 1e7, 1e5, 5.0, 5.0], dtype=torch.float64)
-    for _ in range(n_iter):
-        x, y, n, b, sx, sy = theta.unbind(1)
-        ex, dex, dsx = _integrated_1d(centre_R, x, sx)
-        ey, dey, dsy = _integrated_1d(centre_R, y, sy)
-        mu = b[:, None, None] + n[:, None, None] * ex[:, :, None] * ey[:, None, :]
-        jac_E6P = torch.stack([n[:, None, None] * dex[:, :, None] * ey[:, None, :],
-                               n[:, None, None] * ex[:, :, None] * dey[:, None, :],
-                               ex[:, :, None] * ey[:, None, :], torch.ones_like(mu),
-                               n[:, None, None] * dsx[:, :, None] * ey[:, None, :],
-                               n[:, None, None] * ex[:, :, None] * dsy[:, None, :]], 1).flatten(2)
-        mu_P = mu.flatten(1).clamp(min=1e-6)
-        jac_E6P = jac_E6P * inside_EP[:, None]
-        grad_E6 = (jac_E6P * (roi.flatten(1) / mu_P - 1)[:, None]).sum(2)
-        fisher_E66 = torch.einsum("eip,ejp->eij", jac_E6P / mu_P[:, None], jac_E6P)
-        diag = torch.diagonal(fisher_E66, dim1=1, dim2=2)
-        step = torch.linalg.solve(fisher_E66 + torch.diag_embed(damping * diag + 1e-9), grad_E6[..., None])[..., 0]
-        step[:, :2] = step[:, :2].clamp(-1.0, 1.0)
-        step[:, 4:] = step[:, 4:].clamp(-0.5, 0.5)
-        theta = torch.maximum(torch.minimum(theta + step, hi), lo)
-    return theta
-
-
 def z_from_widths(sigma_E2: torch.Tensor, sigma_0: float, foc_shift: float, rl_range: float,
                   z_range=(-750.0, 750.0)) -> torch.Tensor:
     """(E,) z in nm whose astigmatic widths (the param's Gaussian PSF) are nearest to the fitted ones."""
@@ -214,10 +115,7 @@ def classical_fit(frames_FHW: np.ndarray, param, threshold: float, roi: int = 7)
     camera = Camera(c.qe, c.spur_noise, c.em_gain, c.e_per_adu, c.baseline, c.read_sigma, photon_units=False)
     photons_FHW = camera.backward(torch.from_numpy(frames_FHW.astype(np.float32)))
     f, r, col = detect(photons_FHW, threshold)
-    half = roi // 2
-    padded = F.pad(photons_FHW[:, None], (half, half, half, half), value=float("nan"))[:, 0]
-    off = torch.arange(roi)
-    roi_ERR = padded[f[:, None, None], (r[:, None] + off)[:, :, None], (col[:, None] + off)[:, None, :]]
+    roi_ERR = cut_rois(photons_FHW, f, r, col, roi)
     thetas = [mle_fit(part) for part in roi_ERR.split(20000)] if len(f) else []
     theta = torch.cat(thetas) if thetas else torch.zeros(0, 6, dtype=torch.float64)
     # a fit that wandered more than 1.5 px found a neighbour's emitter (or nothing): that maximum is dropped
