@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from decode_var.evaluation.model_card import CAMERA_KEYS
 from test_train import write_param
 
 CARD = "model_card.json"
@@ -112,7 +113,8 @@ def test_trainer_and_eval_write_the_same_card(tmp_path, capsys):
     exp = trainer.exp_dir
     card = json.loads((exp / CARD).read_text())
     param = load_param(exp / "param_run.yaml")
-    assert card["camera"] == {k: getattr(param.Camera, k) for k in TRAINED_CAMERA} and card["camera"]["em_gain"] == 300
+    assert card["camera"] == {k: getattr(param.Camera, k) for k in CAMERA_KEYS} and card["camera"]["em_gain"] == 300
+    assert set(TRAINED_CAMERA) < set(CAMERA_KEYS) and card["camera"]["gain_map"] is None
     trained = card["precision"]
     assert trained["epoch"] == 1 and trained["measured_by"] == "decode-var-train"
     assert trained["n_matched"] == trainer.history[-1]["metrics"]["n_tp"] > 0

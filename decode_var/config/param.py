@@ -487,6 +487,7 @@ def validate(param: Param) -> None:
     """
     _check_simulation(param.Simulation)
     _check_camera(param.Camera)
+    _check_camera_maps_backend(param)
     _check_hyperparameter(param.HyperParameter)
     _check_hardware_and_files(param)
     _check_output_and_evaluation(param)
@@ -535,6 +536,28 @@ def _check_camera(cam: Param) -> None:
     px = cam.px_size
     _require(isinstance(px, (list, tuple)) and len(px) == 2 and all(_is_finite(v) and v > 0 for v in px),
              f"Camera.px_size must be two numbers > 0 (nm per px), got {px!r}.")
+    _check_camera_maps(cam)
+
+
+def _check_camera_maps_backend(param: Param) -> None:
+    maps = [k for k in ("offset_map", "gain_map", "read_var_map") if param.Camera.get(k) is not None]
+    _require(not maps or param.VAR.backend != "decode",
+             f"Camera.{maps[0] if maps else ''} is set, but VAR.backend: decode simulates with DECODE's camera, which "
+             "has no per-pixel maps. Set VAR.backend: builtin to train with the maps, or leave the map keys empty.")
+
+
+def _check_camera_maps(cam: Param) -> None:
+    """The keys of the per-pixel sCMOS maps; the files themselves are read and checked by
+    ``decode_var.data.camera_maps`` when the camera is built."""
+    for key in ("offset_map", "gain_map", "read_var_map"):
+        v = cam.get(key)
+        _require(v is None or (isinstance(v, str) and v.strip().lower().endswith((".npy", ".tif", ".tiff"))),
+                 f"Camera.{key} must be the path of a .npy or .tif map of the whole chip, or empty, got {v!r}.")
+    o = cam.get("roi_origin")
+    _require(o is None or (isinstance(o, (list, tuple)) and len(o) == 2
+                           and all(_is_finite(v) and int(v) == v and v >= 0 for v in o)),
+             f"Camera.roi_origin must be two integers >= 0 (px on the chip of the frame's first row and column), "
+             f"got {o!r}.")
 
 
 def _check_hyperparameter(hp: Param) -> None:

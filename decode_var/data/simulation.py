@@ -45,6 +45,7 @@ from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import ParamError
 from decode_var.core.log import warn
 from decode_var.data.accumulate import accumulate, frame_slots
+from decode_var.data.camera_maps import CameraMaps
 from decode_var.data.spline_psf import SplinePSF
 from decode_var.data.targets import frame_grid
 
@@ -226,21 +227,53 @@ class Camera:
     """DECODE's Photon2Camera. ``em_gain=None`` is an sCMOS camera (no gain, no excess noise)."""
 
     def __init__(self, qe: float, spur_noise: float, em_gain: Optional[float], e_per_adu: float, baseline: float,
-                 read_sigma: float, photon_units: bool = True):
+                 read_sigma: float, photon_units: bool = True, maps: Optional[CameraMaps] = None,
+                 frame_window: int = 1):
+        """``maps``: per-pixel sCMOS maps of the chip (:mod:`decode_var.data.camera_maps`), which replace
+        ``baseline``, ``e_per_adu`` and ``read_sigma``; None = the scalar camera. ``frame_window``: the
+        frames of one sample, which share one window of the chip in :meth:`forward`."""
         self.qe, self.spur, self.em_gain = qe, spur_noise, em_gain
         self.e_per_adu, self.baseline, self.read_sigma = e_per_adu, baseline, read_sigma
         self.photon_units = photon_units
+        self.maps, self.frame_window = maps, int(frame_window)
 
     @classmethod
     def parse(cls, param):
         c = param.Camera
-        return cls(c.qe, c.spur_noise, c.em_gain, c.e_per_adu, c.baseline, c.read_sigma, c.convert2photons)
+        return cls(c.qe, c.spur_noise, c.em_gain, c.e_per_adu, c.baseline, c.read_sigma, c.convert2photons,
+                   maps=CameraMaps.parse(c), frame_window=param.HyperParameter.channels_in)
+
+    def _electrons(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Expected photons -> photo-electrons (with spurious charge and EM gain): shot and excess noise."""
+        electrons = torch.poisson(torch.clamp(x, min=0.0) * self.qe + self.spur, generator=generator)
+        if self.em_gain is not None:
+            gamma = torch._standard_gamma(electrons.clamp(min=1e-12), generator=generator)
+            electrons = gamma * self.em_gain * (electrons > 0)
+        return electrons
+
+    def _forward_maps(self, x_FHW: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """:meth:`forward` with per-pixel maps: ADU = floor(e- / gain + N(0, read_var)) + offset, per pixel.
+
+        Each sample (``frame_window`` consecutive frames) sits at its own place on the chip, drawn uniformly
+        from ``generator``, so the model sees the chip's variety of pixels.
+        """
+        electrons = self._electrons(x_FHW, generator)
+        hw, n_frames = tuple(x_FHW.shape[-2:]), x_FHW.shape[0] if x_FHW.dim() == 3 else 1
+        per = self.frame_window if n_frames % self.frame_window == 0 else 1
+        maps = self.maps.random_windows(n_frames // per, hw, x_FHW.device, generator)
+        offset, gain, var = (m.repeat_interleave(per, 0).reshape(x_FHW.shape) for m in maps)
+        noise = torch.randn(electrons.shape, generator=generator, dtype=electrons.dtype, device=electrons.device)
+        adu = torch.clamp(torch.floor(electrons / gain + var.sqrt() * noise) + offset, min=0.0)
+        return self._photons(adu, offset, gain) if self.photon_units else adu
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Expected photons -> noisy camera frame, on x's device (photons, or ADU without ``photon_units``).
 
-        Draws from ``generator`` (on x's device; None = the global torch RNG).
+        Draws from ``generator`` (on x's device; None = the global torch RNG). With maps, ``x`` is
+        (frames, H, W) and each sample of ``frame_window`` frames gets a random window of the chip.
         """
+        if self.maps is not None:
+            return self._forward_maps(x, generator)
         electrons = torch.poisson(torch.clamp(x, min=0.0) * self.qe + self.spur, generator=generator)
         if self.em_gain is not None:
             # Gamma(shape = electrons, scale = gain); shape 0 gives 0
@@ -251,9 +284,23 @@ class Camera:
         adu = torch.clamp(torch.floor(electrons / self.e_per_adu) + self.baseline, min=0.0)
         return self.backward(adu) if self.photon_units else adu
 
-    def backward(self, adu: torch.Tensor) -> torch.Tensor:
-        """ADU -> photons (expected value)."""
+    def backward(self, adu: torch.Tensor, origin=None) -> torch.Tensor:
+        """ADU -> photons (expected value); ``adu`` (..., H, W).
+
+        With maps, each frame is the (H, W) window of the chip at ``origin`` = [x0, y0] px (default
+        ``Camera.roi_origin``): its per-pixel offset and gain convert it.
+        """
+        if self.maps is not None:
+            offset_HW, gain_HW, _ = self.maps.window(tuple(adu.shape[-2:]), adu.device, origin)
+            return self._photons(adu, offset_HW, gain_HW)
         out = (adu - self.baseline) * self.e_per_adu
+        if self.em_gain is not None:
+            out = out / self.em_gain
+        return (out - self.spur) / self.qe
+
+    def _photons(self, adu: torch.Tensor, offset: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """ADU -> photons with per-pixel offset (ADU) and gain (e- / ADU), broadcast over ``adu``."""
+        out = (adu - offset) * gain
         if self.em_gain is not None:
             out = out / self.em_gain
         return (out - self.spur) / self.qe

@@ -42,7 +42,8 @@ __all__ = ["CARD_NAME", "CAMERA_KEYS", "ModelCard", "PrecisionCalibration", "Sig
 
 CARD_NAME = "model_card.json"
 #: the ``Camera`` keys a model is trained for (its noise model and units)
-CAMERA_KEYS = ("em_gain", "e_per_adu", "baseline", "qe", "read_sigma", "spur_noise", "convert2photons", "px_size")
+CAMERA_KEYS = ("em_gain", "e_per_adu", "baseline", "qe", "read_sigma", "spur_noise", "convert2photons", "px_size",
+               "offset_map", "gain_map", "read_var_map")  # the maps by file name; roi_origin may differ at fit time
 FORMAT = 1
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from decode_var.backend import get_backend
+from decode_var.core.errors import ParamError
 from decode_var.backend.base import Backend
 from decode_var.core.scales import ScaleSchedule
 from decode_var.data.simulation import Camera, FrameScale
@@ -51,6 +52,10 @@ def build(param, model=None) -> Components:
     into; default: ``HyperParameter.architecture`` built from the param, drawing its initial weights
     from the global RNG as DECODE's models do)."""
     backend = get_backend(param.VAR.backend)
+    maps = [k for k in ("offset_map", "gain_map", "read_var_map") if param.Camera.get(k) is not None]
+    if maps and backend.name == "decode":  # VAR.backend: auto found DECODE, whose camera has no pixel maps
+        raise ParamError(f"Camera.{maps[0]} is set, but VAR.backend resolved to decode (DECODE is installed), whose "
+                         "camera simulates no per-pixel maps. Set VAR.backend: builtin to train with the maps.")
     model = build_model(param) if model is None else model
     loss_cls = get_loss(param.HyperParameter.loss_impl)
     # a scheduled loss (ours) is built for the model's own scales; DECODE's losses take the param alone
