@@ -57,7 +57,7 @@ def simulated_test_set(param, simulator, n: Optional[int] = None):
 
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
-        report=True, batch_size="auto", max_memory=None, compile=False, sparse=True) -> dict:
+        report=True, batch_size="auto", max_memory=None, compile=False, sparse=False) -> dict:
     check_eval_outputs(param_file, model, out, frames, emitters, device, report)
     param = load_param(param_file)
     pred = Predictor(param, resolve_model_path(model), device, trusted, sparse=sparse)
@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         metrics = run(args.param_file, args.model, args.out, args.frames, args.emitters, args.n, args.device,
                       args.trust_pickle, not args.no_report, args.batch_size, args.max_memory,
-                      args.compile, not args.dense)
+                      args.compile, args.sparse)
     except (DecodeVarError, OSError, KeyboardInterrupt) as err:
         return exit_status("decode-var-eval", err, kept=f"the files in {args.out} are each complete or as they were "
                                                         "(metrics.json is written last)")

@@ -138,12 +138,12 @@ def test_sparse_with_uncertainty_and_ablations(conditioning):
     assert not sparse.supports_sparse(_model(conditioning="single"))
 
 
-def test_predictor_runs_sparse_by_default_and_dense_on_request(tmp_path):
+def test_predictor_runs_dense_by_default_and_sparse_on_request(tmp_path):
     from decode_var.inference.predictor import Predictor
     from decode_var.training.checkpoint import save_model
     from decode_var.training.components import build
 
     param = load_param(QUICKSTART)
     save_model(tmp_path / "model.pt", build(param).model)
-    assert Predictor(param, tmp_path / "model.pt").sparse_threshold == sparse.DEFAULT_THRESHOLD
-    assert Predictor(param, tmp_path / "model.pt", sparse=False).sparse_threshold is None
+    assert Predictor(param, tmp_path / "model.pt").sparse_threshold is None
+    assert Predictor(param, tmp_path / "model.pt", sparse=True).sparse_threshold == sparse.DEFAULT_THRESHOLD

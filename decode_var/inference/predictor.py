@@ -51,12 +51,14 @@ class Predictor:
         trusted: allow arbitrary unpickling of the model file (only for files you trust).
         sparse: compute the finer scales only around the coarse cells whose detection probability passes
             ``sparse_threshold`` (:mod:`decode_var.nn.sparse`; models without coarse scales run dense).
-            False: every scale on every pixel, as in training. A batch whose planned cells would cost
+            False (the default): every scale on every pixel, as in training. The same localizations; sparse is
+            faster only on one thread at low density (1.4x at 1 emitter per 40 x 40 px, 256 x 256 px frames)
+            and slower on two (docs/fitting.md, sparse inference). A batch whose planned cells would cost
             ``sparse_max_cost`` times the dense finer scales or more runs them dense (1: the faster path;
             ``inf``: always sparse).
     """
 
-    def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False, sparse: bool = True,
+    def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False, sparse: bool = False,
                  sparse_threshold: float = DEFAULT_THRESHOLD, sparse_max_cost: float = 1.0):
         self.param = param
         self.device = torch.device(device)
@@ -332,9 +334,9 @@ def add_model_arguments(parser, frames_help: Optional[str]) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run the model through torch.compile: about 2x faster on long stacks after a "
                              "compile of a minute or two (needs a C++ compiler on the CPU)")
-    parser.add_argument("--dense", action="store_true",
-                        help="compute every scale on every pixel (default: the finer scales only around the coarse "
-                             "cells that see an emitter, where that is faster; the same localizations)")
+    parser.add_argument("--sparse", action="store_true",
+                        help="compute the finer scales only around the coarse cells that see an emitter (the same "
+                             "localizations; faster on one thread at low density, slower on two: docs/fitting.md)")
     parser.add_argument("--max-memory", default=None,
                         help="memory budget of a batch, e.g. 2G or 800MB (default 1G on the CPU, half the free "
                              "memory of a GPU); peak memory stays bounded whatever the stack length")
