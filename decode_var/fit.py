@@ -3,9 +3,17 @@
     decode-var-fit -p param_run.yaml --model model.pt --frames stack.tif --out emitters.h5|csv|pt
 
 Reads the stack lazily in batches (stacks larger than memory work; the batch size is chosen from a
-memory budget, ``--max-memory``), pads the frame window at the stack ends as DECODE's ``Infer`` does (repeating the first / last frame), converts ADU to photons
-when ``Camera.convert2photons`` is set, and writes DECODE's emitter file formats. The output is
-written under a temporary name and renamed when complete: a failed run leaves no partial file.
+memory budget, ``--max-memory``), pads the frame window at the stack ends as DECODE's ``Infer`` does
+(repeating the first / last frame), converts ADU to photons when ``Camera.convert2photons`` is set, and
+writes DECODE's emitter file formats. The progress bar shows the frames done, the time left and frames/s.
+
+Long acquisitions: each finished block of frames (``--block-frames``, default 100, whole batches) is saved
+to ``<out>.partial/`` as it finishes. A fit stopped by Ctrl-C, SIGTERM, SIGKILL, a full disk or a crash
+goes on with the same command plus ``--resume``: the finished blocks are checked against the stack,
+param, model and options (an error names what changed), not fitted again, and the output is the file an
+uninterrupted fit writes. Without ``--resume`` a folder of finished blocks is an error (pass ``--resume``,
+or delete the folder): it is never discarded silently. The output is written under a temporary name and
+renamed when complete, and the block folder removed after that: a failed run never replaces a good file.
 
 Input guards (each a clear error with exit status 2, before the model sees the frame):
 
@@ -32,24 +40,30 @@ Input guards (each a clear error with exit status 2, before the model sees the f
 Output guards, before the model is loaded (:func:`decode_var.core.outputs.check_outputs`): ``-i`` names a
 device this machine has; every file the fit will write (``--out``, the ``--format`` exports, the render)
 goes in a writable folder, is not a folder, is none of the inputs (``--out model.pt`` would destroy the
-model), and the free space covers :func:`expected_output_bytes`. A write that fails later (the disk
-fills meanwhile) ends with one line naming the file; the previous file of that name is kept. Ctrl-C ends
-with one line and exit status 130.
+model), and the free space covers :func:`expected_output_bytes`; ``<out>.partial/`` holds no finished
+block unless ``--resume`` is given. A write that fails later (the disk fills meanwhile) ends with one line
+naming the file; the previous file of that name is kept, and so are the finished blocks (the line says
+so). Ctrl-C and SIGTERM end with one line and exit status 130.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
 import tifffile
 
 from decode_var.core.devices import check_device
-from decode_var.core.errors import DecodeVarError, OutputError, exit_status
+from decode_var.core.errors import DecodeVarError, OutputError, exit_status, os_error_text
 from decode_var.core.outputs import check_outputs
 from decode_var.data.tiff import TIFF_SUFFIXES
+from decode_var.inference.blocks import BLOCK_FRAMES, PartialFit, PartialFitError
 from decode_var.inference.export import export_paths, write_fit_outputs
 from decode_var.inference.predictor import add_model_arguments, resolve_model_path
 # the stack logic lives in decode_var.inference.stack; its public names stay importable from here
@@ -71,6 +85,12 @@ def parse_args(argv=None):
                    help="also write <out>_locs.hdf5 + .yaml (picasso) and/or <out>_thunderstorm.csv; --out is "
                         "always DECODE's format (docs/formats.md)")
     p.add_argument("--no-render", action="store_true", help="do not write <out>_render.png / .tif")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped fit from the finished blocks in <out>.partial/ (checked against the "
+                        "stack, param, model and options); starts afresh where there is none")
+    p.add_argument("--block-frames", type=int, default=None,
+                   help=f"frames per block saved to <out>.partial/ while fitting (default {BLOCK_FRAMES}, "
+                        "rounded up to whole batches): a stopped fit loses at most one block")
     return p.parse_args(argv)
 
 
@@ -102,16 +122,16 @@ def output_paths(out, formats: Sequence[str] = ("decode",), render: bool = True)
 def expected_output_bytes(frames, formats: Sequence[str] = ("decode",), render: bool = True) -> int:
     """About how much a fit of the TIFF ``frames`` writes, generously: the free space it asks for.
 
-    Each emitter file (DECODE's and each export): :data:`EMITTER_BYTES_PER_FRAME_BYTE` x the frames file;
-    the render: :data:`RENDER_BYTES_PER_CAMERA_PX` x the pixels of one frame (the first page's size; only
-    the TIFF header is read).
+    Each emitter file (DECODE's, each export, and the finished blocks in ``<out>.partial/`` while fitting):
+    :data:`EMITTER_BYTES_PER_FRAME_BYTE` x the frames file; the render: :data:`RENDER_BYTES_PER_CAMERA_PX`
+    x the pixels of one frame (the first page's size; only the TIFF header is read).
     """
     files = _tiff_files(frames)
     try:
         size = sum(os.path.getsize(f) for f in files)
     except OSError:  # missing: the fit says so
         return 0
-    n_files = 1 + len({f for f in formats if f != "decode"})
+    n_files = 2 + len({f for f in formats if f != "decode"})  # --out and its blocks, the exports
     total = int(EMITTER_BYTES_PER_FRAME_BYTE * size * n_files)
     if render and files:
         try:
@@ -145,26 +165,78 @@ def check_fit_outputs(args) -> None:
     check_outputs(outputs,
                   {"--model": resolve_model_path(args.model), "-p": args.param_file, "--frames": args.frames},
                   expected_output_bytes(args.frames, args.format, render))
+    PartialFit(args.out).check_start(args.resume)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        check_fit_outputs(args)
-        em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
-                 args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile)
-    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
-        return exit_status(PROG, err, kept=f"nothing was written ({args.out} is as it was)")
-    print(em.fit_report.summary(len(em), args.out))
-    try:
-        extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render,
-                                  model=args.model)  # its card calibrates the exported precision
-    except (DecodeVarError, OSError, KeyboardInterrupt) as err:
-        return exit_status(PROG, err, kept=f"the emitters are saved in {args.out}, the other outputs are not all "
-                                           "written", context=f"the emitters are saved in {args.out}, but ")
+    with _sigterm_stops_the_fit():
+        try:
+            check_fit_outputs(args)
+            em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
+                     args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile,
+                     resume=args.resume, block_frames=args.block_frames)
+        except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+            return _stopped(args.out, err)
+        print(em.fit_report.summary(len(em), args.out))
+        release_freed_memory()
+        try:
+            extra = write_fit_outputs(args.param_file, em, args.out, args.frames, args.format, not args.no_render,
+                                      model=args.model)  # its card calibrates the exported precision
+        except (DecodeVarError, OSError, KeyboardInterrupt) as err:
+            return exit_status(PROG, err, kept=f"the emitters are saved in {args.out}, the other outputs are not "
+                                               "all written", context=f"the emitters are saved in {args.out}, but ")
     if extra:
         print(f"wrote {', '.join(str(p) for p in extra)}")
     return 0
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the fit has freed (the network's batches, up to ``--max-memory``) back to the system
+    before the exports and the render allocate theirs: glibc keeps freed heap memory in the process
+    otherwise, and the render's arrays come on top of it. Nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class FitTerminated(DecodeVarError, KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch system's time limit): the fit stops at once, as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_fit():
+    """SIGTERM raises :class:`FitTerminated` in the main thread (blocks already saved stay; the output is
+    untouched), so that the fit ends with its one line instead of vanishing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise FitTerminated("stopped by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(out, err: BaseException) -> int:
+    """The one line of a fit that did not finish: the output is as it was and, where blocks are kept in
+    ``<out>.partial/``, that ``--resume`` continues from them."""
+    kept = PartialFit(out).describe()
+    if kept is None:
+        return exit_status(PROG, err, kept=f"nothing was written ({out} is as it was)")
+    hint = f"{out} is as it was; {kept}: run the same command with --resume to continue from there"
+    if isinstance(err, KeyboardInterrupt):
+        return exit_status(PROG, err, kept=hint)
+    if isinstance(err, PartialFitError):  # its message already says what to do with the blocks
+        return exit_status(PROG, err)
+    text = str(err) if isinstance(err, DecodeVarError) else \
+        f"{err.filename + ': ' if getattr(err, 'filename', None) else ''}{os_error_text(err)}"
+    return exit_status(PROG, DecodeVarError(f"{text.rstrip('.')}; {hint}."))
 
 
 if __name__ == "__main__":

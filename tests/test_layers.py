@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "decode_var"
-CLI = ("train", "eval_cli", "fit", "quickstart", "render_cli", "calibration_cli", "init_cli")
+CLI = ("train", "eval_cli", "fit", "quickstart", "render_cli", "calibration_cli", "init_cli", "run_cli")
 #: "" is the package's own namespace (``__version__``, the ``register_with_decode`` facade)
 RANK = {"core": 0, "registry": 0.5, "config": 0.75, "data": 1, "nn": 1, "evaluation": 2, "backend": 3,
         "training": 4, "inference": 5, "cli": 6, "": 7}

@@ -128,7 +128,11 @@ def _write_h5(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> N
 
 def _write_pt(tmp: pathlib.Path, data: dict, meta: dict, decode_meta: dict) -> None:
     px = None if meta["px_size"] is None else torch.tensor(meta["px_size"], dtype=torch.float32)
-    torch.save({"data": data, "meta": {"xy_unit": meta["xy_unit"], "px_size": px}, "decode": decode_meta}, tmp)
+    # through a Python file: the zip archive inside is then named 'archive', not after the temporary file,
+    # so the same emitters give the same bytes (a resumed fit, decode_var.inference.blocks), and a full disk
+    # is an OSError (ENOSPC), not torch's "unexpected pos"
+    with open(tmp, "wb") as f:
+        torch.save({"data": data, "meta": {"xy_unit": meta["xy_unit"], "px_size": px}, "decode": decode_meta}, f)
 
 
 def _csv_columns(data: dict) -> dict:

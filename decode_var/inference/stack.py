@@ -5,6 +5,10 @@ read once (with the window's neighbours), checked (pixel type, NaN / Inf, negati
 frames), moved to the device (pinned memory, non-blocking copies) while the next block is read in a
 thread, and run through a :class:`~decode_var.inference.predictor.Predictor`. Emitter x, y are in px of
 the input frame, x = first image axis (the row), as DECODE writes them; frame_ix counts from 0.
+
+:func:`fit` works in blocks of frames (whole batches) and saves each finished block to ``<out>.partial/``
+(:mod:`decode_var.inference.blocks`), so that a stopped fit resumes from its last finished block and
+ends with the file an uninterrupted fit writes; the output itself is written once, at the end.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from decode_var.core.errors import InputDataError
 from decode_var.core.log import warn
 from decode_var.data.emitter_io import save_emitters
 from decode_var.data.tiff import open_stack, read_blocks, window_indices
+from decode_var.inference.blocks import PartialFit, block_bounds, block_length, run_record
 from decode_var.inference.predictor import (Predictor, default_max_memory, parse_memory,
                                             resolve_model_path)
 
@@ -129,6 +134,28 @@ class StackReport:
         for k, v in dropped.items():
             self.dropped[k] += int(v)
 
+    def blank(self) -> "StackReport":
+        """An empty report of the same stack: one block's share of a fit, added with :meth:`merge`."""
+        return StackReport(self.n_frames, self.frame_hw, self.saturation, self.camera, self.path)
+
+    def state(self) -> dict:
+        """The counts as plain values and one (T,) tensor of raw frame medians: what a block of a fit saves
+        (:mod:`decode_var.inference.blocks`) so that a resumed fit ends with the same record."""
+        return {"n_seen": self.n_seen, "n_pixels": self.n_pixels, "n_negative_px": self.n_negative_px,
+                "excluded": {k: list(v) for k, v in self.excluded.items()}, "dropped": dict(self.dropped),
+                "medians": torch.cat(self._medians) if self._medians else torch.zeros(0)}
+
+    def merge(self, state: dict) -> None:
+        """Add the :meth:`state` of a block of frames after those already counted."""
+        self.n_seen += int(state["n_seen"])
+        self.n_pixels += int(state["n_pixels"])
+        self.n_negative_px += int(state["n_negative_px"])
+        for k in EXCLUDED_KINDS:
+            self.excluded[k] += [int(i) for i in state["excluded"][k]]
+        self.drop(state["dropped"])
+        if len(state["medians"]):
+            self._medians.append(state["medians"])
+
     @property
     def n_excluded(self) -> int:
         return sum(len(v) for v in self.excluded.values())
@@ -199,7 +226,7 @@ class StackReport:
 
 
 def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
-        progress=True, max_memory=None, compile=False):
+        progress=True, max_memory=None, compile=False, resume=False, block_frames=None):
     """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them, with
     ``fit_report``: the run's :class:`StackReport` (``summary()`` is the line decode-var-fit prints).
 
@@ -215,27 +242,93 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     Localizations outside the frame or the trained z range are dropped and counted. Non-finite model
     outputs are an error naming the frames. The output's metadata records the frames read, fitted and
     excluded and the localizations dropped (:meth:`StackReport.meta`).
+
+    Blocks of ``block_frames`` frames (default :data:`~decode_var.inference.blocks.BLOCK_FRAMES`, whole
+    batches) are saved to ``<out>.partial/`` as they finish (:mod:`decode_var.inference.blocks`).
+    ``resume=True`` reuses them when the stack, param, model and options match, fits only the other
+    blocks and writes the file an uninterrupted fit writes (it starts afresh where there is no folder);
+    without it, a folder of finished blocks is an error. ``out`` is written only at the end, atomically.
     """
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
         raise InputDataError(f"--out {out} must end in .h5, .csv or .pt (DECODE's emitter formats).")
+    block_length(1, block_frames)  # a bad value fails now, not after the model is loaded
+    partial = PartialFit(out)
+    partial.check_start(resume)
     param = load_param(param_file)
-    stack = open_stack(frames)
-    if len(stack) == 0:
-        raise InputDataError(f"{frames} holds no frames.")
-    check_stack_dtype(stack.dtype, frames)
-    pred = Predictor(param, resolve_model_path(model), device, trusted)
-    batch_size = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
-    if compile:
-        pred.compile(batch_size)
-    report = StackReport.for_stack(pred, stack)
-    em = EmitterSet.cat(localize_stack(pred, stack, batch_size, mask_nonfinite, progress, report=report))
-    if em.px_size is None:
-        em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-    # our writer for every backend: DECODE's formats, plus the record of the data in the decode meta
-    save_emitters(out, em, source=report.meta(stack.dtype))
+    with open_stack(frames) as stack:
+        if len(stack) == 0:
+            raise InputDataError(f"{frames} holds no frames.")
+        check_stack_dtype(stack.dtype, frames)
+        pred = Predictor(param, resolve_model_path(model), device, trusted)
+        try:
+            run = _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume,
+                               compile, mask_nonfinite)
+            if compile:
+                pred.compile(run["batch_size"])
+            report = StackReport.for_stack(pred, stack)
+            em = _fit_blocks(pred, stack, partial, mask_nonfinite, progress, report)
+            _finish(report, partial)
+            if em.px_size is None:
+                em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
+            # our writer for every backend: DECODE's formats, plus the record of the data in the decode meta
+            save_emitters(out, em, source=report.meta(stack.dtype))
+            partial.remove()  # only now: the output is in place
+        finally:
+            partial.release()
     em.fit_report = report
     return em
+
+
+def _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume, compile,
+                 mask_nonfinite) -> dict:
+    """The manifest of the fit's block store: the existing one, checked (``resume``), or a new one."""
+    record = run_record(stack, frames, pred.param, resolve_model_path(model), pred.device, compile, mask_nonfinite)
+    if resume and partial.done():
+        auto = batch_size is None or str(batch_size).lower() == "auto"  # then the blocks' batch size
+        given = None if auto else resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+        return partial.resume(record, given, block_frames)
+    batch_size = resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
+    return partial.start(record, batch_size, block_length(batch_size, block_frames))
+
+
+def _fit_blocks(pred, stack, partial, mask_nonfinite: bool, progress: bool, report: StackReport) -> EmitterSet:
+    """All localizations of the stack: the blocks not yet in ``partial`` are fitted and saved there as each
+    finishes, then every block is read back in order (``report`` gets each block's record). Nothing that
+    grows with the stack is held while the network runs; the finished and the resumed blocks come from the
+    same files, so a resumed fit ends as an uninterrupted one."""
+    manifest, done = partial.manifest, partial.done()
+    bounds = block_bounds(len(stack), manifest["block_frames"])
+    n_done = sum(b1 - b0 for b0, b1 in bounds if (b0, b1) in done)
+    bar = None
+    if progress:
+        bar = progress_bar(len(stack), n_done, f"fitting ({n_done} frames resumed)" if n_done else "fitting")
+    try:
+        for b0, b1 in (b for b in bounds if b not in done):
+            part = report.blank()
+            sets = list(localize_stack(pred, stack, manifest["batch_size"], mask_nonfinite,
+                                       bar if bar is not None else False, report=part, span=(b0, b1)))
+            partial.save_block(b0, b1, EmitterSet.cat(sets) if sets else None, part.state())
+    finally:
+        if bar is not None:
+            bar.close()
+    ems = []
+    for b0, b1 in bounds:
+        em, state = partial.load_block(b0, b1)
+        report.merge(state)
+        if em is not None:  # a block without a fitted frame (all impossible) has no EmitterSet
+            ems.append(em)
+    return EmitterSet.cat(ems)
+
+
+def _finish(report: StackReport, partial) -> None:
+    """The report's warnings; when no frame could be fitted, the error, and the blocks go (resuming cannot
+    change that)."""
+    try:
+        report.finish()
+    except InputDataError:
+        partial.remove()
+        raise
 
 
 def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=None) -> int:
@@ -255,8 +348,9 @@ def resolve_batch_size(pred, hw, n_frames: int, batch_size="auto", max_memory=No
     return n
 
 
-def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, progress: bool = False,
-                   prefetch: bool = True, timings: Optional[dict] = None, report: Optional[StackReport] = None):
+def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, progress=False,
+                   prefetch: bool = True, timings: Optional[dict] = None, report: Optional[StackReport] = None,
+                   span: Optional[tuple] = None):
     """Yield the EmitterSets of each batch of ``batch_size`` centre frames of ``stack`` (frame_ix in the stack).
 
     Each frame is read and converted once: a block of frames (the batch plus the window's halo) is read
@@ -269,12 +363,17 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
     ``timings``: a dict that receives the seconds spent per stage (``wait_read``: waiting for the
     reading thread, ``convert``: guards and unit conversion, ``windows``, ``model``, ``post``).
     ``report``: the :class:`StackReport` to fill (default: a new one); its warnings come at the end.
+    ``progress``: True for a progress bar of its own, or a bar (``tqdm``) that counts the frames fitted.
+    ``span``: ``(start, stop)``, the centre frames to fit (default all; the windows still read their
+    neighbours outside it); the report then counts those frames only and is not finished: the caller
+    adds up the spans (:meth:`StackReport.merge`) and finishes it.
     """
     report = report if report is not None else StackReport.for_stack(pred, stack)
-    blocks = read_blocks(stack, batch_size, pred.channels_in)
-    bar = None
-    if progress:
-        bar = tqdm(total=len(stack), desc="fitting", unit="frame")
+    start, stop = span if span is not None else (0, len(stack))
+    blocks = read_blocks(stack, batch_size, pred.channels_in, start, stop)
+    bar = progress if hasattr(progress, "update") else None
+    if progress and bar is None:
+        bar = progress_bar(stop - start)
     pool = ThreadPoolExecutor(1) if prefetch else None
     try:
         clock = _StageClock(timings)
@@ -294,9 +393,20 @@ def localize_stack(pred, stack, batch_size: int, mask_nonfinite: bool = False, p
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
-        if bar is not None:
+        if bar is not None and bar is not progress:
             bar.close()
-    report.finish()
+    if span is None:
+        report.finish()
+
+
+#: The progress bar of a fit: frames done of all, the time spent < the time left, frames per second.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} frames [{elapsed}<{remaining}, {rate_noinv_fmt}]"
+
+
+def progress_bar(total: int, done: int = 0, desc: str = "fitting") -> tqdm:
+    """A bar of ``total`` frames with ``done`` of them counted from the start (a resumed fit's blocks): the
+    rate and the time left count only the frames fitted by this process."""
+    return tqdm(total=total, initial=done, desc=desc, unit=" frames", bar_format=BAR_FORMAT)
 
 
 def _localize_block(pred, item, n_total: int, mask_nonfinite: bool, report: StackReport, clock):
