@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_fit_outputs(args)
             em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
                      args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile,
-                     resume=args.resume, block_frames=args.block_frames)
+                     resume=args.resume, block_frames=args.block_frames, sparse=args.sparse)
         except (DecodeVarError, OSError, KeyboardInterrupt) as err:
             return _stopped(args.out, err)
         print(em.fit_report.summary(len(em), args.out))

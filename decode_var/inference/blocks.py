@@ -102,13 +102,14 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def run_record(stack, frames, param, model_path, device, compile: bool, mask_nonfinite: bool) -> dict:
+def run_record(stack, frames, param, model_path, device, compile: bool, mask_nonfinite: bool,
+               sparse: bool = False) -> dict:
     """What the blocks of a fit depend on (the manifest, less the batch size and block length)."""
     values = json.dumps(param.to_dict(), sort_keys=True, default=str)
     return {"decode_var": __version__, "frames": stack_fingerprint(stack, frames),
             "param_sha256": hashlib.sha256(values.encode()).hexdigest(), "model_sha256": file_sha256(model_path),
             "device": torch.device(device).type, "compile": bool(compile), "mask_nonfinite": bool(mask_nonfinite),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "sparse": bool(sparse)}
 
 
 def _when(ns) -> str:
@@ -139,6 +140,8 @@ def _differences(old: dict, new: dict, batch_size: Optional[int], block_frames: 
                      f"(pass -i {old.get('device')})")
     if old.get("compile") != new["compile"]:
         found.append(f"they were fitted {'with' if old.get('compile') else 'without'} --compile")
+    if bool(old.get("sparse")) != new["sparse"]:
+        found.append(f"they were fitted {'with' if old.get('sparse') else 'without'} --sparse")
     if old.get("mask_nonfinite") and not new["mask_nonfinite"]:
         found.append("they were fitted with --mask-nonfinite (pass it again)")
     if batch_size is not None and batch_size != old.get("batch_size"):

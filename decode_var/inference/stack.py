@@ -226,7 +226,7 @@ class StackReport:
 
 
 def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
-        progress=True, max_memory=None, compile=False, resume=False, block_frames=None):
+        progress=True, max_memory=None, compile=False, resume=False, block_frames=None, sparse=False):
     """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them, with
     ``fit_report``: the run's :class:`StackReport` (``summary()`` is the line decode-var-fit prints).
 
@@ -248,6 +248,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     ``resume=True`` reuses them when the stack, param, model and options match, fits only the other
     blocks and writes the file an uninterrupted fit writes (it starts afresh where there is no folder);
     without it, a folder of finished blocks is an error. ``out`` is written only at the end, atomically.
+    ``sparse``: the finer scales only around the coarse cells that see an emitter (:mod:`decode_var.nn.sparse`).
     """
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
@@ -260,7 +261,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
         if len(stack) == 0:
             raise InputDataError(f"{frames} holds no frames.")
         check_stack_dtype(stack.dtype, frames)
-        pred = Predictor(param, resolve_model_path(model), device, trusted)
+        pred = Predictor(param, resolve_model_path(model), device, trusted, sparse=sparse)
         try:
             run = _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume,
                                compile, mask_nonfinite)
@@ -283,7 +284,8 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
 def _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume, compile,
                  mask_nonfinite) -> dict:
     """The manifest of the fit's block store: the existing one, checked (``resume``), or a new one."""
-    record = run_record(stack, frames, pred.param, resolve_model_path(model), pred.device, compile, mask_nonfinite)
+    record = run_record(stack, frames, pred.param, resolve_model_path(model), pred.device, compile, mask_nonfinite,
+                        pred.sparse_threshold is not None)
     if resume and partial.done():
         auto = batch_size is None or str(batch_size).lower() == "auto"  # then the blocks' batch size
         given = None if auto else resolve_batch_size(pred, stack.shape[1:], len(stack), batch_size, max_memory)
