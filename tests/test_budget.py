@@ -3,6 +3,8 @@
 The budget's clock is faked here (each epoch "takes" a chosen number of seconds), so the plans are exact;
 one test runs the command line with the real clock.
 """
+import re
+
 import torch
 
 from decode_var.config.param import load_param
@@ -74,8 +76,10 @@ def test_the_command_line_trains_within_its_budget(tmp_path, capsys):
 
     exp = next((tmp_path / "out").iterdir())
     history = json.loads((exp / "history.json").read_text())
-    assert 1 <= len(history) < 1000
-    assert sum(h["seconds"] for h in history) <= 3.0 + history[0]["seconds"]  # at most one epoch's overrun
+    planned = int(re.search(r"(\d+) epochs in all", err).group(1))
+    # the plan from the first epoch's time, kept or cut short; the budget's timing itself is checked with a fake
+    # clock above (wall-clock seconds on a shared CI machine are not a test)
+    assert 1 <= len(history) <= planned < 1000
 
 
 def test_a_budget_that_is_no_number_of_minutes_is_refused(tmp_path, capsys):
