@@ -85,6 +85,9 @@ def parse_args(argv=None):
                    help="also write <out>_locs.hdf5 + .yaml (picasso) and/or <out>_thunderstorm.csv; --out is "
                         "always DECODE's format (docs/formats.md)")
     p.add_argument("--no-render", action="store_true", help="do not write <out>_render.png / .tif")
+    p.add_argument("--max-sigma", type=float, default=None, metavar="NM",
+                   help="write only localizations whose predicted lateral sigma is at most NM nm (models trained "
+                        "with VAR.model.uncertainty, or DECODE's SigmaMUNet)")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped fit from the finished blocks in <out>.partial/ (checked against the "
                         "stack, param, model and options); starts afresh where there is none")
@@ -175,7 +178,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_fit_outputs(args)
             em = fit(args.param_file, args.model, args.frames, args.out, args.batch_size, args.device,
                      args.mask_nonfinite, args.trust_pickle, not args.no_progress, args.max_memory, args.compile,
-                     resume=args.resume, block_frames=args.block_frames, sparse=args.sparse)
+                     resume=args.resume, block_frames=args.block_frames, sparse=args.sparse,
+                     max_sigma=args.max_sigma)
         except (DecodeVarError, OSError, KeyboardInterrupt) as err:
             return _stopped(args.out, err)
         print(em.fit_report.summary(len(em), args.out))

@@ -345,3 +345,36 @@ def test_training_ends_with_the_sigma_calibration_in_the_model_and_its_card(tmp_
     before = (trainer.exp_dir / "model.pt").read_bytes()
     trainer.fit()
     assert (trainer.exp_dir / "model.pt").read_bytes() == before
+
+
+def test_decode_var_fit_max_sigma_filters_and_a_model_without_sigma_is_refused_before_the_fit(tmp_path, capsys):
+    """``decode-var-fit --max-sigma NM``: the written file holds only localizations whose lateral sigma is at most
+    NM (an untrained uncertainty model whose finest p bias is raised detects many cells, all with a sigma); a
+    6-channel model is refused before anything is fitted or written."""
+    from decode_var.data.emitter_io import load_emitters
+    from decode_var.fit import main as fit_main
+    from decode_var.training.checkpoint import save_model
+
+    frames_THW = (100 + 30 * torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0))).round()
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "s.tif", frames_THW.numpy().astype(np.uint16), photometric="minisblack")
+    for sigma in (True, False):
+        p = write_param(tmp_path / f"p{sigma}", VAR={**TINY["VAR"], "model": {**TINY["VAR"]["model"], "uncertainty": sigma}})
+        param = load_param(p)
+        model = build(param).model
+        model.heads[-1].bias.data[0] += 8.0
+        save_model(tmp_path / f"m{sigma}.pt", model)
+        common = ["-p", str(p), "--model", str(tmp_path / f"m{sigma}.pt"), "--frames", str(tmp_path / "s.tif"),
+                  "--no-render", "--no-progress"]
+        if not sigma:
+            assert fit_main(common + ["--out", str(tmp_path / "no.csv"), "--max-sigma", "20"]) == 2
+            assert "predicts none" in capsys.readouterr().err and not (tmp_path / "no.csv").exists()
+            continue
+        assert fit_main(common + ["--out", str(tmp_path / "all.csv")]) == 0
+        every = load_emitters(tmp_path / "all.csv")
+        lat = lateral_sigma_nm(every, param.Camera.px_size)
+        cut = float(np.median(lat))
+        assert fit_main(common + ["--out", str(tmp_path / "cut.csv"), "--max-sigma", str(cut)]) == 0
+        kept = load_emitters(tmp_path / "cut.csv")
+        assert 0 < len(kept) < len(every) and int((lat <= cut).sum()) == len(kept)
+        assert (lateral_sigma_nm(kept, param.Camera.px_size) <= cut).all()

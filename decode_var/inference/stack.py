@@ -28,6 +28,7 @@ from decode_var.core.log import warn
 from decode_var.data.emitter_io import save_emitters
 from decode_var.data.tiff import open_stack, read_blocks, window_indices
 from decode_var.inference.blocks import PartialFit, block_bounds, block_length, run_record
+from decode_var.inference.export import filter_max_sigma
 from decode_var.inference.predictor import (Predictor, default_max_memory, parse_memory,
                                             resolve_model_path)
 
@@ -226,7 +227,8 @@ class StackReport:
 
 
 def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_nonfinite=False, trusted=False,
-        progress=True, max_memory=None, compile=False, resume=False, block_frames=None, sparse=False):
+        progress=True, max_memory=None, compile=False, resume=False, block_frames=None, sparse=False,
+        max_sigma=None):
     """Fit ``frames`` (a TIFF stack) with ``model``; write the emitters to ``out``; returns them, with
     ``fit_report``: the run's :class:`StackReport` (``summary()`` is the line decode-var-fit prints).
 
@@ -249,6 +251,9 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
     blocks and writes the file an uninterrupted fit writes (it starts afresh where there is no folder);
     without it, a folder of finished blocks is an error. ``out`` is written only at the end, atomically.
     ``sparse``: the finer scales only around the coarse cells that see an emitter (:mod:`decode_var.nn.sparse`).
+    ``max_sigma``: nm; only localizations whose predicted lateral sigma is at most this are written
+    (:func:`~decode_var.inference.export.filter_max_sigma`; a model that predicts no sigma is refused before
+    the fit). The blocks of a resumable fit hold every localization.
     """
     out = Path(out)
     if out.suffix not in (".h5", ".hdf5", ".csv", ".pt"):
@@ -262,6 +267,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
             raise InputDataError(f"{frames} holds no frames.")
         check_stack_dtype(stack.dtype, frames)
         pred = Predictor(param, resolve_model_path(model), device, trusted, sparse=sparse)
+        _check_max_sigma(pred, max_sigma)
         try:
             run = _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume,
                                compile, mask_nonfinite)
@@ -270,8 +276,7 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
             report = StackReport.for_stack(pred, stack)
             em = _fit_blocks(pred, stack, partial, mask_nonfinite, progress, report)
             _finish(report, partial)
-            if em.px_size is None:
-                em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
+            em = _written(em, param, max_sigma)
             # our writer for every backend: DECODE's formats, plus the record of the data in the decode meta
             save_emitters(out, em, source=report.meta(stack.dtype))
             partial.remove()  # only now: the output is in place
@@ -279,6 +284,20 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
             partial.release()
     em.fit_report = report
     return em
+
+
+def _check_max_sigma(pred, max_sigma) -> None:
+    if max_sigma is not None and not pred.task.sigma:
+        raise InputDataError(f"--max-sigma {max_sigma:g} filters on the model's predicted sigma, but this model "
+                             "predicts none: train with VAR.model.uncertainty: true (or DECODE's SigmaMUNet), or "
+                             "leave out --max-sigma.")
+
+
+def _written(em: EmitterSet, param, max_sigma) -> EmitterSet:
+    """The localizations as written: with the camera's pixel size, filtered by ``max_sigma`` (nm) where given."""
+    if em.px_size is None:
+        em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
+    return em if max_sigma is None else filter_max_sigma(em, float(max_sigma), param.Camera.px_size)
 
 
 def _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume, compile,

@@ -61,6 +61,9 @@ class Task(ABC):
         loss: the loss object (its state goes into checkpoints, :meth:`loss_state`).
     """
 
+    #: Capability: the task's physical output carries a predicted sigma per localization (``x_sig`` ...).
+    sigma = False
+
     def __init__(self, param, backend, model, loss):
         self.param, self.backend, self.model, self.loss = param, backend, model, loss
 
@@ -239,6 +242,8 @@ class SixChannelTask(Task):
 
 class GMMTask(Task):
     """DECODE's SigmaMUNet + GaussianMMLoss, with DECODE's parameter-list targets and output chain."""
+
+    sigma = True  # SigmaMUNet's sigmas
 
     def __init__(self, param, backend, model, loss):
         super().__init__(param, backend, model, loss)
