@@ -274,20 +274,13 @@ def _stage_input(model, k: int, cells: Cells, feats: list, prev_hidden: Field, p
     h, w = grids[k - 1]
     src = gather(prev_src, cells)
     # recentre's two terms: the map in fine cells from the coarse centre, and the centre shift
-    scaled, shift_16HW = recentre(src.new_zeros(1, 6, h, w), grids[k], cell_prev, cell_k)
-    del scaled
+    shift_16HW = recentre(src.new_zeros(1, 6, h, w), grids[k], cell_prev, cell_k)[1]
     scale_6 = torch.tensor([1.0, 1.0, cell_prev[0] / cell_k[0], cell_prev[1] / cell_k[1], 1.0, 1.0],
                            dtype=src.dtype, device=src.device)
     coarse = linear(stage.from_prev, gather(prev_hidden, cells)) + linear(stage.from_map, src * scale_6)
     _, i, j = cells.nij()
     shift_P6 = shift_16HW[0].permute(1, 2, 0)[i, j]
     return x + coarse + linear(stage.from_map, shift_P6, bias=False)
-
-
-def _probabilities(raw_PC: torch.Tensor) -> torch.Tensor:
-    """A coarser scale's map as the next one reads it: p through a sigmoid (the dense path's
-    ``_condition_source`` in eval mode)."""
-    return torch.cat([torch.sigmoid(raw_PC[:, :1]), raw_PC[:, 1:]], dim=1)
 
 
 def _head_rows(model, k: int, hidden_PC: torch.Tensor) -> torch.Tensor:
@@ -367,7 +360,7 @@ def _sparse_scales(model, plan: _Plan, feats: list, hidden, coarse_raw_N6hw, gri
     """(raw rows of the finest scale, its cells): the refine stages on their planned cells, coarse to fine."""
     n_tok = model.n_token_scales
     prev_hidden = hidden
-    prev_src = torch.cat([torch.sigmoid(coarse_raw_N6hw[:, :1]), coarse_raw_N6hw[:, 1:]], dim=1)
+    prev_src = model.eval_output(coarse_raw_N6hw)  # p through a sigmoid, as the dense path conditions
     raw = None
     for k in range(n_tok, len(grids)):
         if k not in plan.stage:
@@ -376,5 +369,5 @@ def _sparse_scales(model, plan: _Plan, feats: list, hidden, coarse_raw_N6hw, gri
         x = _stage_input(model, k, cells[0], feats, prev_hidden, prev_src, grids)
         rows = _run(model.refine[k - n_tok].body, x, cells)
         raw = _head_rows(model, k, rows)
-        prev_hidden, prev_src = (rows, cells[-1]), (_probabilities(raw), cells[-1])
+        prev_hidden, prev_src = (rows, cells[-1]), (model.eval_output(raw), cells[-1])
     return raw, plan.stage[len(grids) - 1][-1]
