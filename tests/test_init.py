@@ -126,6 +126,13 @@ def test_astigmatism_is_estimated(emccd_astigmatic):
     assert res.keys["VAR.gaussian_psf.mode_3d"].value is True
 
 
+def test_a_2d_psf_is_scored_on_x_y_alone(scmos_2d, emccd_astigmatic):
+    # z leaves no trace in a 2D PSF: a 3D match would count the unknowable z against the model
+    k2, k3 = scmos_2d[2].keys, emccd_astigmatic[2].keys
+    assert k2["Evaluation.match_dims"].value == 2 and k2["Evaluation.dist_ax"].value >= 3000.0
+    assert "Evaluation.match_dims" not in k3 and "Evaluation.dist_ax" not in k3
+
+
 def test_the_camera_cross_check_agrees_with_the_right_keys(scmos_2d, emccd_astigmatic):
     for param, _, res in (scmos_2d, emccd_astigmatic):
         c = param.Camera

@@ -438,6 +438,11 @@ def emitter_keys(s: est.EmitterSettings, real: est.SpotStats, sim: est.SpotStats
                                                f"width of the brighter spots {real.sigma:.3f} px, refined likewise")
         keys["VAR.gaussian_psf.mode_3d"] = Key(mode == "astigmatic", "given" if given(raw, "VAR.gaussian_psf.mode_3d")
                                                else "decode-var's default (astigmatic)", False)
+    if mode == "2d":  # z leaves no trace in a 2D PSF: matching on z would score unknowable axial errors
+        keys["Evaluation.match_dims"] = Key(2, "a 2D PSF: z is not measured, localizations are matched on x, y", False)
+        z_lo, z_hi = get(raw, "Simulation.emitter_extent", load_reference()["Simulation"]["emitter_extent"])[2]
+        keys["Evaluation.dist_ax"] = Key(2.0 * (z_hi - z_lo), "a 2D PSF: twice the z range, z never blocks a match",
+                                         False)
     if mode == "astigmatic":
         how = "estimated (nm): from the fitted widths' astigmatism and the z range of Simulation.emitter_extent"
         pair = [given(raw, f"VAR.gaussian_psf.{k}") for k in ("foc_shift", "rl_range")]
