@@ -18,6 +18,8 @@ WRITERS = {
     "no_meta": dict(metadata=None),
     "zlib": dict(compression="zlib"),
     "big_endian": dict(byteorder=">"),
+    "bigtiff": dict(bigtiff=True),  # 64-bit offsets: what a movie over 4 GB is written as
+    "bigtiff_pages": dict(bigtiff=True, contiguous=False),
 }
 
 
@@ -186,3 +188,23 @@ def test_windows_same_as_decode_inference_dataset(window):
     assert len(ds) == len(ours)
     for i in range(len(ds)):
         assert torch.equal(ds[i], ours[i])
+
+
+@pytest.mark.slow
+def test_a_bigtiff_over_4_gb_is_read_at_its_far_end(tmp_path):
+    """Frames past the 4 GiB mark (offsets a 32-bit TIFF cannot hold) are read where they are, lazily: the
+    first and last frames and a block across the mark, without reading the rest."""
+    t, h, w = 8300, 512, 512  # 4.35 GB of uint16
+    path = tmp_path / "big.tif"
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k in range(0, t, 500):
+            n = min(500, t - k)
+            block = np.broadcast_to(np.arange(k, k + n, dtype=np.uint16)[:, None, None], (n, h, w))
+            tw.write(block, contiguous=True)
+    assert path.stat().st_size > 4 * 2 ** 30
+    with TiffStack(path) as s:
+        assert len(s) == t and s.shape == (t, h, w)
+        assert float(s[0][0, 0]) == 0 and float(s[-1][h - 1, w - 1]) == t - 1
+        mark = 4 * 2 ** 30 // (h * w * 2)  # the frame at the 4 GiB mark
+        block = s.read(mark - 2, mark + 3)
+        np.testing.assert_array_equal(block[:, 5, 7], np.arange(mark - 2, mark + 3, dtype=np.float32))
