@@ -242,17 +242,17 @@ def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher
     times = {n: {"wall": [], "cpu": [], **{p: [] for p in phases}} for n in trainers}
     for r in range(repeats + 1):  # round 0 warms up
         for name, tr in trainers.items():
-            hp = tr.param.HyperParameter
+            st = tr.settings
             tr.model.train()
             w0, c0 = time.perf_counter(), time.process_time()
-            _, frames, tgt = tr.batch(hp.batch_size, 10_000 + r)
+            _, frames, tgt = tr.batch(st.batch_size, 10_000 + r)
             w1 = time.perf_counter()
             tr.optimizer.zero_grad(set_to_none=True)
             loss_val, _ = tr.task.train_forward(frames, tgt)
             loss = loss_val.mean()
             w2 = time.perf_counter()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), tr._grad_clip)
+            torch.nn.utils.clip_grad_norm_(tr.model.parameters(), st.grad_clip)
             w3 = time.perf_counter()
             tr.optimizer.step()
             w4, c4 = time.perf_counter(), time.process_time()
@@ -266,7 +266,7 @@ def full_step_ratio(param_path: str, repeats: int = 5, threads: int = 1, teacher
     tmp.cleanup()
     out = {"param": param_path, "threads": threads, "repeats": repeats, "teacher_forcing": teacher_forcing}
     for name, tr in trainers.items():
-        t, b = times[name], tr.param.HyperParameter.batch_size
+        t, b = times[name], tr.settings.batch_size
         out[name] = {"factors": list(getattr(tr.model, "schedule").factors),
                      "samples_s_wall": b / min(t["wall"]), "samples_s_cpu": b / (min(t["cpu"]) / threads),
                      **{f"{p}_ms": 1000 * statistics.mean(t[p]) for p in phases}}

@@ -159,16 +159,16 @@ def train_for(param, workdir: Path, samples: int | None, minutes: float | None, 
 @torch.no_grad()
 def final_metrics(trainer, threads: int) -> tuple[dict, dict]:
     from decode_var.eval_cli import simulated_test_set
-    from decode_var.evaluation.protocol import score
 
-    frames, gt = simulated_test_set(trainer.param, trainer.simulator)
+    frames, gt = simulated_test_set(trainer.protocol, trainer.simulator)
     x = trainer.frame_scale(frames)
     trainer.model.eval()
     t0 = time.process_time()
-    outs = [trainer.task.physical_output(x[i:i + 64]) for i in range(0, x.size(0), 64)]
+    with trainer.averaged():  # the weights that are saved (VAR.train.ema's average where set)
+        outs = [trainer.task.physical_output(x[i:i + 64]) for i in range(0, x.size(0), 64)]
     cpu = time.process_time() - t0
     em = trainer.task.postprocess(torch.cat(outs))
-    metrics, (tp, _, _, tp_match) = score(trainer.param, trainer.backend, trainer.matcher, em, gt)
+    metrics, (tp, _, _, tp_match) = trainer.protocol.score(trainer.backend, trainer.matcher, em, gt)
     metrics["inference_fps_cpu"] = x.size(0) / max(cpu / threads, 1e-9)
     # lateral error (nm) of every matched ground-truth emitter, keyed by (frame, id), for the paired table
     d_lat = (tp.xyz_nm[:, :2] - tp_match.xyz_nm[:, :2]).norm(dim=1).tolist() if len(tp) else []
@@ -178,16 +178,17 @@ def final_metrics(trainer, threads: int) -> tuple[dict, dict]:
 
 def shared_pixel_share(param) -> dict:
     """Share of ground-truth test emitters whose input pixel holds another emitter of the same frame."""
-    from decode_var.backend import get_backend
     from decode_var.eval_cli import simulated_test_set
+    from decode_var.training.components import build
 
-    _, gt = simulated_test_set(param, get_backend(param.VAR.backend).simulator(param))
+    parts = build(param)
+    _, gt = simulated_test_set(parts.protocol, parts.simulator)
     if not len(gt):
         return {"emitters": 0, "per_frame": 0.0, "shared_pixel": math.nan}
     pix = torch.floor(gt.xyz_px[:, :2] + 0.5).long()  # input pixel i spans [i - 0.5, i + 0.5)
     key = torch.stack([gt.frame_ix.long(), pix[:, 0], pix[:, 1]], 1)
     _, inverse, counts = key.unique(dim=0, return_inverse=True, return_counts=True)
-    n_frames = int(param.TestSet.test_size)
+    n_frames = parts.protocol.size()
     return {"emitters": len(gt), "per_frame": len(gt) / n_frames,
             "shared_pixel": float((counts[inverse] >= 2).float().mean())}
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from decode_var.config.param import load_param, param_from_dict  # noqa: E402
-from decode_var.evaluation.protocol import ground_truth, score, simulate_test_set  # noqa: E402
+from decode_var.eval_cli import simulated_test_set  # noqa: E402
 from decode_var.inference.predictor import Predictor, resolve_model_path  # noqa: E402
 from decode_var.nn import sparse  # noqa: E402
 
@@ -72,16 +72,16 @@ def one_density(exp: Path, density: float, thresholds, n: int, batch: int) -> li
     d["Simulation"]["emitter_av"] = float(density)
     param = param_from_dict(d)
     dense = Predictor(param, resolve_model_path(exp), sparse=False)
-    batch_sim = simulate_test_set(dense.parts.simulator, param, n)
-    frames, gt = batch_sim.frames_NCHW, ground_truth(param, batch_sim)
+    protocol = dense.parts.protocol
+    frames, gt = simulated_test_set(protocol, dense.parts.simulator, n)
     em_d, t_d = timed_predict(dense, frames, batch)
-    m_d, _ = score(param, dense.backend, dense.parts.matcher, em_d, gt)
+    m_d, _ = protocol.score(dense.backend, dense.parts.matcher, em_d, gt)
     rows = []
     for th in thresholds:
         sp = Predictor(param, resolve_model_path(exp), sparse=True, sparse_threshold=th, sparse_max_cost=math.inf)
         em_s, t_s = timed_predict(sp, frames, batch)
         _, t_d2 = timed_predict(dense, frames, batch)
-        m_s, _ = score(param, sp.backend, sp.parts.matcher, em_s, gt)
+        m_s, _ = protocol.score(sp.backend, sp.parts.matcher, em_s, gt)
         stats: dict = {}
         with torch.no_grad():
             sparse.sparse_forward(sp.model, sp.to_network(frames[:batch]).contiguous(memory_format=torch.channels_last),

@@ -29,7 +29,6 @@ from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.log import note
 from decode_var.core.outputs import check_outputs
-from decode_var.evaluation.protocol import ground_truth, score, simulate_test_set
 from decode_var.data.emitter_io import save_emitters
 from decode_var.data.tiff import open_stack
 from decode_var.evaluation import plots
@@ -49,21 +48,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def simulated_test_set(param, simulator, n: Optional[int] = None):
-    """(frames_NCHW in photons, ground truth) of the protocol's seeded test set (the set training reports on),
-    made by ``simulator`` (the run's, :attr:`Components.simulator`)."""
-    batch = simulate_test_set(simulator, param, n)
-    return batch.frames_NCHW, ground_truth(param, batch)
+def simulated_test_set(protocol, simulator, n: Optional[int] = None):
+    """(frames_NCHW in photons, ground truth) of the seeded test set of ``protocol`` (the run's
+    :class:`~decode_var.evaluation.protocol.Protocol`: the set training reports on), made by ``simulator`` (the
+    run's, :attr:`Components.simulator`)."""
+    batch = protocol.simulate(simulator, n)
+    return batch.frames_NCHW, protocol.ground_truth(batch)
 
 
 def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu", trusted=False,
         report=True, batch_size="auto", max_memory=None, compile=False, sparse=False) -> dict:
     check_eval_outputs(param_file, model, out, frames, emitters, device, report)
-    param = load_param(param_file)
-    pred = Predictor(param, resolve_model_path(model), device, trusted, sparse=sparse)
+    pred = Predictor(load_param(param_file), resolve_model_path(model), device, trusted, sparse=sparse)
+    parts = pred.parts
     out = Path(out)
     if frames is None:
-        frames_NCHW, gt = simulated_test_set(param, pred.parts.simulator, n)
+        frames_NCHW, gt = simulated_test_set(parts.protocol, parts.simulator, n)
         em_out = pred.predict(frames_NCHW)
         frame_hw = tuple(frames_NCHW.shape[-2:])
         centre = frames_NCHW.size(1) // 2  # each sample's own frame within its temporal window
@@ -85,12 +85,12 @@ def run(param_file, model, out, frames=None, emitters=None, n=None, device="cpu"
     metrics = {}
     if gt is not None:
         if gt.px_size is None:
-            gt.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-        metrics, matched = score(param, pred.backend, pred.parts.matcher, em_out, gt)
+            gt.px_size = torch.tensor(parts.frames.px_size, dtype=torch.float32)
+        metrics, matched = parts.protocol.score(pred.backend, parts.matcher, em_out, gt)
         if frames is None:  # the model's own seeded test set: its card's precision calibration (issue 27)
-            refresh_card(resolve_model_path(model), param, metrics)
+            refresh_card(resolve_model_path(model), parts.camera_record, metrics)
         if report:
-            plots.plot_eval_report(out / "report.png", matched, gt, em_out, param, frame_hw=frame_hw,
+            plots.plot_eval_report(out / "report.png", matched, gt, em_out, frame_hw=frame_hw,
                              frame_image=frame_image, image_unit=image_unit)
     elif frames is not None and emitters is None:
         note("no --emitters given: localizations written, no metrics.")

@@ -28,6 +28,7 @@ from decode_var.config.param import load_param
 from decode_var.core.errors import DecodeVarError, exit_status
 from decode_var.core.outputs import check_free_space, check_outputs, existing_folder
 from decode_var.data.emitter_io import load_emitters
+from decode_var.evaluation.crlb_scoring import CrlbModel
 from decode_var.evaluation.model_card import load_card
 from decode_var.inference.export import FORMATS, export, readable_rows
 from decode_var.inference.render import render, save_render
@@ -112,7 +113,8 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
         # the model card of the run's experiment folder, when there is one, calibrates the exported precision
         card = load_card(Path(args.param_file).parent) if args.param_file else None
         em, _ = readable_rows(em, args.frames, "decode-var-convert")  # so that the count printed is the count written
-        path = export(em, out, args.format, args.frame_size, args.frames, None, param, card)
+        psf = CrlbModel.parse(param) if param is not None else None
+        path = export(em, out, args.format, args.frame_size, args.frames, None, psf, card)
     except (DecodeVarError, OSError, KeyboardInterrupt) as err:
         return exit_status("decode-var-convert", err, kept="nothing was written")
     print(f"wrote {len(em)} localizations to {path}" + (f" and {Path(path).with_suffix('.yaml')}"

@@ -472,6 +472,7 @@ def build_components(param) -> None:
     from decode_var.core.scales import ScaleSchedule
     from decode_var.data.simulation import Camera, FrameScale
     from decode_var.data.targets import MultiScaleTargets, TargetRescale
+    from decode_var.evaluation.postprocessing import PostSettings
 
     backend = get_backend("builtin" if param.VAR.backend == "auto" else param.VAR.backend)
     schedule = ScaleSchedule.parse(param)
@@ -481,7 +482,7 @@ def build_components(param) -> None:
     TargetRescale.parse(param)
     MultiScaleTargets.parse(param, backend)
     backend.simulator(param)
-    backend.post_processing(param, schedule.finest)
+    backend.post_processing(PostSettings.parse(param), schedule.finest)
     backend.matcher(param)
     vm, img = param.VAR.model, param.Simulation.img_size
     # sizes are not capped (as in PyTorch, an absurd width fails when it is allocated): build small models only

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from decode_var.config.param import param_from_dict
 from decode_var.core.errors import ParamError
 from decode_var.data.camera_maps import CameraMaps, load_map
-from decode_var.data.simulation import Camera, Simulator
+from decode_var.data.simulation import Camera, FrameSettings, Simulator
 from decode_var.inference.predictor import Predictor
 
 CHIP = (12, 10)  # H_chip, W_chip (px)
@@ -89,7 +89,7 @@ def test_fit_time_conversion_uses_the_window_at_roi_origin(tmp_path_factory, x0,
     photons_HW = np.random.default_rng(0).uniform(0, 500, (5, 5))
     win = (slice(x0, x0 + 5), slice(y0, y0 + 5))
     adu_THW = torch.as_tensor(offset[win] + photons_HW * qe / gain[win], dtype=torch.float32)[None].repeat(2, 1, 1)
-    pred = SimpleNamespace(camera=cam, param=p)
+    pred = SimpleNamespace(camera=cam, frames=FrameSettings.parse(p))
     got = Predictor.adu_to_photons(pred, adu_THW)
     assert np.allclose(got.numpy(), photons_HW[None], rtol=1e-4, atol=1e-2)
 

@@ -15,6 +15,7 @@ from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import InputDataError
 from decode_var.inference.export import TS_COLUMNS_2D, TS_COLUMNS_3D, export, export_paths, save_picasso, save_thunderstorm
 from decode_var.data.simulation import GaussianPSF
+from decode_var.evaluation.crlb_scoring import CrlbModel
 from decode_var.data.tiff import TiffStack
 
 ROWS, COLS = 30, 44  # non-square, so that a swapped x / y cannot pass
@@ -262,10 +263,10 @@ def test_precision_is_the_crlb_scaled_by_the_model_card(tmp_path):
     the run's PSF at each localization's photons and background x the card's RMSE / sqrt(CRLB) per axis; the
     model's own sigma, where it predicts one, still wins."""
     from decode_var.config.param import param_from_dict
-    from decode_var.evaluation.model_card import update_card, load_card
+    from decode_var.evaluation.model_card import camera_of, update_card, load_card
 
     param = param_from_dict({})
-    update_card(tmp_path / "model.pt", param, {"ratio_x": 1.5, "ratio_y": 2.5, "ratio_z": 3.0, "ratio_lat": 2.0,
+    update_card(tmp_path / "model.pt", camera_of(param), {"ratio_x": 1.5, "ratio_y": 2.5, "ratio_z": 3.0, "ratio_lat": 2.0,
                                                "n_matched": 412}, epoch=7)
     card = load_card(tmp_path)
     xyz, phot, bg = torch.tensor([[5.3, 6.8, -120.0], [8.0, 2.0, 300.0]]), torch.tensor([2000.0, 700.0]), \
@@ -273,7 +274,7 @@ def test_precision_is_the_crlb_scaled_by_the_model_card(tmp_path):
     em = EmitterSet(xyz, phot, torch.tensor([0, 1]), bg=bg, px_size=(100.0, 100.0),
                     xyz_sig=torch.tensor([[float("nan")] * 3, [0.3, 0.4, 50.0]]))
     expected = _crlb_sigma(param, xyz[:1], phot[:1], bg[:1])[0]
-    pic = export(em, tmp_path / "p_locs.hdf5", "picasso", (10, 10), 2, None, param, card)
+    pic = export(em, tmp_path / "p_locs.hdf5", "picasso", (10, 10), 2, None, CrlbModel.parse(param), card)
     with h5py.File(pic) as f:
         locs = f["locs"][()]
     # Picasso x = DECODE y
@@ -284,7 +285,7 @@ def test_precision_is_the_crlb_scaled_by_the_model_card(tmp_path):
     precision = yaml.safe_load(pic.with_suffix(".yaml").read_text())["Precision"]
     assert "lpy x 1.5, lpx x 2.5, lpz x 3" in precision and "412 matched emitters, epoch 7" in precision
     assert str(tmp_path / "model_card.json") in precision and "predicted sigma where it gives one" in precision
-    ts = export(em, tmp_path / "p.csv", "thunderstorm", None, 2, None, param, card)
+    ts = export(em, tmp_path / "p.csv", "thunderstorm", None, 2, None, CrlbModel.parse(param), card)
     rec = dict(zip(*list(csv.reader(open(ts)))[:2]))
     lateral = math.sqrt(((expected[0] * 1.5 * 100) ** 2 + (expected[1] * 2.5 * 100) ** 2) / 2)
     assert float(rec["uncertainty_xy [nm]"]) == pytest.approx(lateral, rel=1e-5)
@@ -298,13 +299,13 @@ def test_without_a_card_the_precision_is_the_uncalibrated_crlb_and_says_so(tmp_p
     em = EmitterSet(torch.tensor([[5.3, 6.8, 0.0]]), torch.tensor([1500.0]), torch.tensor([0]),
                     bg=torch.tensor([25.0]), px_size=(100.0, 100.0))
     expected = _crlb_sigma(param, em.xyz, em.phot, em.bg)[0]
-    pic = export(em, tmp_path / "u_locs.hdf5", "picasso", (10, 10), 1, None, param)
+    pic = export(em, tmp_path / "u_locs.hdf5", "picasso", (10, 10), 1, None, CrlbModel.parse(param))
     with h5py.File(pic) as f:
         locs = f["locs"][()]
     assert locs["lpx"][0] == pytest.approx(expected[1], rel=1e-5) and locs["lpy"][0] == pytest.approx(expected[0],
                                                                                                       rel=1e-5)
     assert yaml.safe_load(pic.with_suffix(".yaml").read_text())["Precision"].startswith("uncalibrated CRLB")
-    export(em, tmp_path / "u.csv", "thunderstorm", None, 1, None, param)
+    export(em, tmp_path / "u.csv", "thunderstorm", None, 1, None, CrlbModel.parse(param))
     assert "uncertainty: uncalibrated CRLB" in (tmp_path / "u-protocol.txt").read_text()
 
 
@@ -319,22 +320,23 @@ def test_many_localizations_interpolate_the_crlb_within_two_percent(monkeypatch)
     n = 400
     xyz = np.column_stack([gen.uniform(0, 40, n), gen.uniform(0, 40, n), gen.uniform(-500, 500, n)])
     phot, bg = np.exp(gen.uniform(np.log(200), np.log(20000), n)), gen.uniform(0, 100, n)
-    exact = ex._crlb_var(param, xyz, phot, bg)
+    psf = CrlbModel.parse(param)
+    exact = ex._crlb_var(psf, xyz, phot, bg)
     monkeypatch.setattr(ex, "CRLB_GRID_ABOVE", 10)
-    grid = ex._crlb_var(param, xyz, phot, bg)
+    grid = ex._crlb_var(psf, xyz, phot, bg)
     assert np.allclose(np.sqrt(grid / exact), 1.0, atol=0.02)
 
 
 def test_fit_outputs_are_calibrated_by_the_card_next_to_the_model(located, tmp_path):
     """decode-var-fit's exports: the card next to --model scales the CRLB (write_fit_outputs(model=...))."""
     from decode_var.config.param import param_from_dict, save_param
-    from decode_var.evaluation.model_card import update_card
+    from decode_var.evaluation.model_card import camera_of, update_card
     from decode_var.inference.export import write_fit_outputs
 
     em, x, y = located
     param_file = tmp_path / "param_run.yaml"
     save_param(param_file, param_from_dict({}))
-    update_card(tmp_path / "exp" / "model.pt", param_from_dict({}),
+    update_card(tmp_path / "exp" / "model.pt", camera_of(param_from_dict({})),
                 {"ratio_x": 2.0, "ratio_y": 2.0, "ratio_z": None, "ratio_lat": 2.0, "n_matched": 50}, epoch=3)
     tif = tmp_path / "movie.tif"
     tifffile.imwrite(tif, np.zeros((3, ROWS, COLS), np.uint16), photometric="minisblack")

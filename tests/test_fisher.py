@@ -67,7 +67,7 @@ def test_eval_reports_crlb_ratio_for_spline_runs(tmp_path):
     """Known errors (10 nm along x and y, 20 nm in z) against the spline PSF's CRLB: the ratios are those
     errors over the root mean bound, axis by axis."""
     from decode_var.core.emitters import EmitterSet
-    from decode_var.evaluation.crlb_scoring import crlb_metrics, crlb_of
+    from decode_var.evaluation.crlb_scoring import CrlbModel
     from decode_var.config.param import param_from_dict
     from decode_var.data.spline_psf import save_calibration
 
@@ -79,8 +79,9 @@ def test_eval_reports_crlb_ratio_for_spline_runs(tmp_path):
                     torch.tensor([0, 1]), bg=torch.tensor([50.0, 80.0]), px_size=(100.0, 100.0))
     pred = gt.clone()
     pred.xyz = pred.xyz + torch.tensor([[0.1, -0.1, 20.0], [-0.1, 0.1, -20.0]])
-    out = crlb_metrics(p, pred, gt)
-    var = crlb_of(p, gt).double()  # x, y in nm^2 (100 nm px), z in nm^2
+    crlb = CrlbModel.parse(p)
+    out = crlb.metrics(pred, gt)
+    var = crlb.of(gt).double()  # x, y in nm^2 (100 nm px), z in nm^2
     assert torch.isfinite(var[:, :3]).all() and (var[:, :3] > 0).all()
     assert out["crlb_ratio_x"] == pytest.approx(10.0 / math.sqrt(var[:, 0].mean()), rel=1e-4)
     assert out["crlb_ratio_y"] == pytest.approx(10.0 / math.sqrt(var[:, 1].mean()), rel=1e-4)

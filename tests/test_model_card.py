@@ -75,7 +75,7 @@ def test_precision_calibration_is_rmse_over_root_crlb_and_draws_nothing():
     from decode_var.config.param import param_from_dict
     from decode_var.core.emitters import EmitterSet
     from decode_var.data.crlb import gaussian_crlb
-    from decode_var.evaluation.crlb_scoring import crlb_metrics, precision_calibration
+    from decode_var.evaluation.crlb_scoring import CrlbModel, precision_calibration
 
     param = param_from_dict({"Camera": {"px_size": [100.0, 120.0]}})
     g = param.VAR.gaussian_psf
@@ -84,7 +84,7 @@ def test_precision_calibration_is_rmse_over_root_crlb_and_draws_nothing():
     gt = EmitterSet(xyz, phot, torch.tensor([0, 1, 1]), bg=bg)
     pred = EmitterSet(xyz + torch.tensor([0.3, -0.2, 40.0]), phot, gt.frame_ix)
     rng = torch.get_rng_state()
-    calib = precision_calibration({**crlb_metrics(param, pred, gt), "n_tp": 3})
+    calib = precision_calibration({**CrlbModel.parse(param).metrics(pred, gt), "n_tp": 3})
     assert torch.equal(rng, torch.get_rng_state())  # the trainer's random streams are left alone
     var = gaussian_crlb(xyz, phot, bg, sigma_0=g.sigma_0, foc_shift=g.foc_shift, rl_range=g.rl_range,
                         em_gain=True, mode_3d=g.mode_3d).double()

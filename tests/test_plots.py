@@ -114,11 +114,11 @@ def test_report_draws_the_frame_under_the_positions(tmp_path, monkeypatch):
         return np.full((16, 12), float(f))
 
     matched = (empty, empty, gt, empty)  # nothing found: every true emitter is a false negative
-    plot_eval_report(tmp_path / "report.png", matched, gt, empty, param, frame_hw=(16, 12),
+    plot_eval_report(tmp_path / "report.png", matched, gt, empty, frame_hw=(16, 12),
                      frame_image=frame_image, image_unit="photons")
     assert asked == [0, 2]  # only the two frames shown are asked for
     assert [img[0, 0] for img, _ in shown] == [0.0, 2.0] and all(img.shape == (16, 12) for img, _ in shown)
     assert all(ext == (-0.5, 11.5, 15.5, -0.5) for _, ext in shown)  # x down, y right, pixel i centred on i
     shown.clear()
-    plot_eval_report(tmp_path / "report2.png", matched, gt, empty, param, frame_hw=(16, 12))
+    plot_eval_report(tmp_path / "report2.png", matched, gt, empty, frame_hw=(16, 12))
     assert shown == [] and (tmp_path / "report2.png").is_file()  # frames are optional

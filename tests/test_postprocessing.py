@@ -227,3 +227,59 @@ def test_super_resolved_grid_detects_p_spread_over_four_cells_once(fx, fy):
     assert len(em) == 1 and abs(float(em.prob[0]) - 0.9) < 1e-5
     one_px = SpatialIntegration(raw_th=0.5, xextent=(-0.5, 31.5), yextent=(-0.5, 31.5), img_shape=(32, 32))
     assert len(one_px.forward(out)) == (1 if float(w.max()) > 0.5 else 0)
+
+
+# ------------------------------------------------------------------ repeated emitters (VAR.merge_px)
+def _si(merge_px):
+    return SpatialIntegration(0.5, xextent=EXT, yextent=EXT, img_shape=(16, 16), merge_px=merge_px)
+
+
+def test_an_emitter_found_in_two_neighbouring_cells_is_kept_once():
+    # an emitter at x = 5.47 px: cells 5 and 6 both sure (p 0.9, 0.8 > split_th) and both point at it
+    out = _maps()
+    _put(out, 0, 5, 7, 0.9, phot=2000.0, dx=0.47, dy=0.1)
+    _put(out, 0, 6, 7, 0.8, phot=2100.0, dx=-0.52, dy=0.12)
+    assert len(_si(0.0).forward(out)) == 2  # DECODE's split rule: two emitters
+    em = _si(0.5).forward(out)
+    assert len(em) == 1 and em.phot.item() == 2000.0  # the more probable cell's
+    torch.testing.assert_close(em.xyz[0, :2], torch.tensor([5.47, 7.1]))
+
+
+def test_two_emitters_in_neighbouring_cells_stay_two():
+    out = _maps()
+    _put(out, 0, 5, 7, 0.9, dx=-0.2)
+    _put(out, 0, 6, 7, 0.8, dx=0.1)  # 1.3 px apart: two emitters
+    _put(out, 0, 9, 9, 0.9, dy=0.3)
+    _put(out, 0, 9, 10, 0.9, dy=-0.3)  # 0.4 px apart, equal p: the earlier cell stays
+    em = _si(0.5).forward(out)
+    got = sorted(em.xyz[:, :2].tolist())
+    assert len(got) == 3 and sum(got, []) == pytest.approx([4.8, 7.0, 6.1, 7.0, 9.0, 9.3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2 ** 31 - 1), st.floats(0.05, 1.5))
+def test_merging_drops_only_repeats_of_a_more_probable_neighbour(seed, merge_px):
+    g = torch.Generator().manual_seed(seed)
+    out = _maps(2)
+    out[:, 0] = (torch.rand(2, 16, 16, generator=g) > 0.7) * torch.rand(2, 16, 16, generator=g)
+    out[:, 2:4] = torch.rand(2, 2, 16, 16, generator=g) - 0.5
+    out[:, 1] = torch.arange(2 * 256, dtype=torch.float32).view(2, 16, 16)  # photons name the cell
+    full, merged = _si(0.0).forward(out), _si(merge_px).forward(out)
+    kept = set(merged.phot.tolist())
+    assert kept <= set(full.phot.tolist())
+    p = out[:, 0]
+    for k in range(len(full)):
+        cell = int(full.phot[k])
+        if cell in kept:
+            continue
+        b, r, c = cell // 256, cell % 256 // 16, cell % 16
+        near = [j for j in range(len(full)) if int(full.frame_ix[j]) == b and j != k
+                and max(abs(int(full.phot[j]) % 256 // 16 - r), abs(int(full.phot[j]) % 16 - c)) <= 1
+                and float((full.xyz[j, :2] - full.xyz[k, :2]).norm()) < merge_px + 1e-5
+                and p[b].flatten()[int(full.phot[j]) % 256] >= p[b, r, c]]
+        assert near, (b, r, c)  # a dropped cell repeats a neighbour at least as probable, found by DECODE's rule
+    for b in range(2):  # the most probable detection of each frame stays
+        mine = full[full.frame_ix == b]
+        if len(mine):
+            cells = mine.phot.long() % 256
+            assert int(mine.phot[p[b].flatten()[cells].argmax()]) in kept

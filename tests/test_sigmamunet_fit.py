@@ -81,17 +81,18 @@ def test_decode_var_fit_and_eval_run_a_trained_sigmamunet(sigmamunet_exp, tmp_pa
 def test_the_exports_write_sigmamunets_sigmas_as_the_precision(sigmamunet_exp, tmp_path):
     from decode_var.config.param import load_param
     from decode_var.core.emitters import EmitterSet
+    from decode_var.evaluation.crlb_scoring import CrlbModel
     from decode_var.inference.export import save_picasso, save_thunderstorm
 
     param = load_param(sigmamunet_exp / "param_run.yaml")
     em = EmitterSet(xyz=torch.tensor([[10.0, 20.0, 100.0]]), phot=torch.tensor([3000.0]), frame_ix=torch.tensor([0]),
                     bg=torch.tensor([50.0]), xyz_sig=torch.tensor([[0.05, 0.07, 30.0]]), px_size=[100.0, 100.0])
-    save_picasso(tmp_path / "p_locs.hdf5", em, (40, 40), 1, param=param)
+    save_picasso(tmp_path / "p_locs.hdf5", em, (40, 40), 1, psf=CrlbModel.parse(param))
     with h5py.File(tmp_path / "p_locs.hdf5", "r") as f:
         locs = f["locs"][()]
     # Picasso's x is DECODE's y: lpx = y_sig, lpy = x_sig (px); lpz in nm
     assert np.allclose([locs["lpx"][0], locs["lpy"][0], locs["lpz"][0]], [0.07, 0.05, 30.0], atol=1e-5)
-    save_thunderstorm(tmp_path / "ts.csv", em, param=param)
+    save_thunderstorm(tmp_path / "ts.csv", em, psf=CrlbModel.parse(param))
     with open(tmp_path / "ts.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["uncertainty_xy [nm]"]) == pytest.approx(np.sqrt((5.0 ** 2 + 7.0 ** 2) / 2), rel=1e-4)

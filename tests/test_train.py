@@ -1,4 +1,5 @@
 """End-to-end training through the entrypoint (tiny sizes), resume, registry errors."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_prefetch_auto_is_off_on_the_cpu_and_never_with_a_global_rng_camera(tmp_
     assert param.VAR.train.prefetch == "auto"
     tr = Trainer(param, None, log=False, progress=False)
     assert tr.prefetch is False  # auto: on for a GPU only
-    param.VAR.train.prefetch = True
+    tr.settings = dataclasses.replace(tr.settings, prefetch=True)  # VAR.train.prefetch: true
     assert tr.prefetch is True
     tr.simulator.camera = object()  # a camera from outside (DECODE's draws from the global RNG)
     assert tr.simulator.thread_safe is False and tr.prefetch is False

@@ -1,6 +1,5 @@
 """VARMultiScale's own uncertainty (issue 26 item 3): the sigma head at the finest scale, its Gaussian NLL, its units
 on the way out, the post-hoc calibration, and what reads it (emitters, exports, ``--max-sigma``, the render)."""
-import copy
 import csv
 import json
 import math
@@ -17,8 +16,8 @@ from decode_var.core.emitters import EmitterSet
 from decode_var.core.errors import CheckpointError, InputDataError, ParamError
 from decode_var.core.scales import ScaleSchedule
 from decode_var.core.seeds import derive_seed
-from decode_var.evaluation.model_card import SigmaCalibration, load_card, update_card
-from decode_var.evaluation.protocol import ground_truth, score
+from decode_var.evaluation.crlb_scoring import CrlbModel
+from decode_var.evaluation.model_card import SigmaCalibration, camera_of, load_card, update_card
 from decode_var.evaluation.uncertainty import ONE_SIGMA, calibrate_sigma, sigma_coverage, sigma_scale
 from decode_var.inference.export import filter_max_sigma, lateral_sigma_nm, save_picasso, save_thunderstorm
 from decode_var.inference.render import render
@@ -189,11 +188,11 @@ def test_fitted_emitters_carry_the_maps_sigmas_into_the_exports(tmp_path):
     assert len(em) == 1 and torch.allclose(em.xyz_px[0], torch.tensor([12.2, 16.7, 150.0]), atol=1e-4)
     assert torch.allclose(em.xyz_sig[0], torch.tensor([0.05, 0.07, 30.0])) and float(em.phot_sig[0]) == 40.0
     em.px_size = torch.tensor([100.0, 100.0])
-    save_picasso(tmp_path / "p_locs.hdf5", em, (20, 24), 4, param=param)
+    save_picasso(tmp_path / "p_locs.hdf5", em, (20, 24), 4, psf=CrlbModel.parse(param))
     with h5py.File(tmp_path / "p_locs.hdf5", "r") as f:
         locs = f["locs"][()]
     assert np.allclose([locs["lpx"][0], locs["lpy"][0], locs["lpz"][0]], [0.07, 0.05, 30.0], atol=1e-6)
-    save_thunderstorm(tmp_path / "ts.csv", em, param=param)
+    save_thunderstorm(tmp_path / "ts.csv", em, psf=CrlbModel.parse(param))
     with open(tmp_path / "ts.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["uncertainty_xy [nm]"]) == pytest.approx(math.sqrt((5.0 ** 2 + 7.0 ** 2) / 2), rel=1e-5)
@@ -270,12 +269,12 @@ def test_coverage_of_honest_sigmas_is_one_sigma_and_the_scale_fixes_dishonest_on
 
 
 def test_the_card_keeps_its_sigma_calibration(tmp_path):
-    param = _param(tmp_path)
-    update_card(tmp_path / "model.pt", param)
+    camera = camera_of(_param(tmp_path))
+    update_card(tmp_path / "model.pt", camera)
     assert set(json.loads((tmp_path / "model_card.json").read_text())) == {"format", "camera", "precision"}
     rec = SigmaCalibration(1.1, 1.2, 1.3, 1.4, 0.6, 0.61, 0.62, 0.683, 0.683, 0.683, 500, 7)
-    update_card(tmp_path / "model.pt", param, sigma=rec)
-    update_card(tmp_path / "model.pt", param, {"ratio_x": 1.5, "ratio_y": 1.6, "ratio_z": 2.0, "ratio_lat": 1.55,
+    update_card(tmp_path / "model.pt", camera, sigma=rec)
+    update_card(tmp_path / "model.pt", camera, {"ratio_x": 1.5, "ratio_y": 1.6, "ratio_z": 2.0, "ratio_lat": 1.55,
                                                "n_matched": 400}, epoch=8)  # the trainer's next save
     card = load_card(tmp_path / "model.pt")
     assert card.sigma == rec and card.sigma.scales() == (1.1, 1.2, 1.3, 1.4) and card.precision.epoch == 8
@@ -283,15 +282,13 @@ def test_the_card_keeps_its_sigma_calibration(tmp_path):
 
 def _coverage_at(parts, density: float, n: int, seed: int) -> dict:
     """Share within +-1 sigma of the matched localizations of ``n`` test samples at ``density`` emitters / frame."""
-    param = copy.deepcopy(parts.param)
-    param.Simulation.emitter_av = density
-    batch = parts.backend.simulator(param).sample(n, seed)
+    batch = parts.simulator_at(density).sample(n, seed)
     frames_NCHW = parts.frame_scale(batch.frames_NCHW)
     parts.model.eval()
     with torch.no_grad():
         out = torch.cat([parts.task.physical_output(frames_NCHW[i:i + 128]) for i in range(0, n, 128)])
-    _, (tp, _, _, tp_match) = score(param, parts.backend, parts.matcher, parts.task.postprocess(out),
-                                    ground_truth(param, batch))
+    _, (tp, _, _, tp_match) = parts.protocol.score(parts.backend, parts.matcher, parts.task.postprocess(out),
+                                                   parts.protocol.ground_truth(batch))
     return sigma_coverage(tp, tp_match)
 
 

@@ -44,8 +44,9 @@ class Backend(ABC):
 
     # post-processing, matching, evaluation, emitter files -------------------------------------
     @abstractmethod
-    def post_processing(self, param, scale: Scale):
-        """Physical-unit (N, 6, H, W) output on ``scale`` -> EmitterSet (``forward``), or None."""
+    def post_processing(self, settings, scale: Scale):
+        """Physical-unit (N, 6, H, W) output on ``scale`` -> EmitterSet (``forward``), or None; ``settings``: the
+        run's :class:`~decode_var.evaluation.postprocessing.PostSettings`."""
 
     @abstractmethod
     def matcher(self, param):

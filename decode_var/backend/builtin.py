@@ -37,9 +37,9 @@ class BuiltinBackend(Backend):
         return Simulator.parse(param)
 
     # post-processing, matching, evaluation, emitter files -------------------------------------
-    def post_processing(self, param, scale: Scale):
+    def post_processing(self, settings, scale: Scale):
         """Physical-unit (N, 6, sx, sy) output on ``scale`` -> EmitterSet (``forward``), or None."""
-        return postprocessing.parse(param, scale)
+        return postprocessing.build(settings, scale)
 
     def matcher(self, param):
         return GreedyHungarianMatching.parse(param)

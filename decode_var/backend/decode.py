@@ -111,15 +111,15 @@ class DecodeBackend(BuiltinBackend):
             read_sigma=c.read_sigma, photon_units=c.convert2photons, device="cpu"))
         return sim
 
-    def post_processing(self, param, scale: Scale):
-        if abs(scale.factor - 1.0) > 1e-9:
-            # DECODE's post-processing assumes the output grid is the input frame's pixel grid
-            return super().post_processing(param, scale)
-        px = param.Camera.px_size
-        th = param.PostProcessingParam.raw_th
-        if param.PostProcessing is None:
+    def post_processing(self, settings, scale: Scale):
+        if abs(scale.factor - 1.0) > 1e-9 or settings.merge_px > 0:
+            # DECODE's post-processing assumes the output grid is the input frame's pixel grid, and drops no
+            # repeated emitter (VAR.merge_px): decode-var's, the same as DECODE's on the 1x grid without merging
+            return super().post_processing(settings, scale)
+        px, th = settings.px_size, settings.raw_th
+        if settings.name is None:
             return None
-        if param.PostProcessing == "LookUp":
+        if settings.name == "LookUp":
             pp = _d_post.LookUpPostProcessing(raw_th=th, xy_unit="px", px_size=px, pphotxyzbg_mapping=[0, 1, 2, 3, 4, 5],
                                               photxyz_sigma_mapping=None)
         else:
@@ -219,8 +219,9 @@ class GMMChain:
     """
 
     def __init__(self, param, backend):
-        self.param, self.backend = param, backend
+        self.backend = backend
         sim, sc = param.Simulation, param.Scaling
+        self.psf_extent = (sim.psf_extent[0], sim.psf_extent[1])
         self.n_max = param.HyperParameter.max_number_targets
         self.rescale = _d_scale.ParameterListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
         self.inverse_rescale = _d_scale.InverseParamListRescale(phot_max=sc.phot_max, z_max=sc.z_max, bg_max=sc.bg_max)
@@ -239,8 +240,7 @@ class GMMChain:
         em = batch.em
         if self.photon_min is not None and len(em):
             em = em[em.phot >= self.photon_min]
-        sim = self.param.Simulation
-        gen = _d_target.ParameterListTarget(n_max=self.n_max, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1],
+        gen = _d_target.ParameterListTarget(n_max=self.n_max, xextent=self.psf_extent[0], yextent=self.psf_extent[1],
                                             ix_low=0, ix_high=n - 1)
         param_tar, mask, _ = gen.forward(self.backend.to_native(em), None)
         return self.rescale.forward(param_tar, mask, batch.bg_NHW.clone())

@@ -643,6 +643,7 @@ def _check_var(param: Param) -> None:
     _check_num("VAR.bg_drift", var.bg_drift, 0, 1, what=" (relative change of the smooth background per frame)")
     _check_choice("VAR.backend", var.backend, ("auto", "decode", "builtin"))
     _check_choice("VAR.psf", var.psf, ("gaussian", "spline"))
+    _check_num("VAR.merge_px", var.merge_px, 0, 2, what=" (input px; 0 = no repeated emitter dropped)")
     _require(isinstance(var.scales, (list, tuple)), f"VAR.scales must be a list of factors, got {var.scales!r}.")
     ScaleSchedule(sim.img_size, var.scales, xextent=sim.psf_extent[0], yextent=sim.psf_extent[1])
     g = var.gaussian_psf
@@ -712,6 +713,8 @@ def _check_var_train(param: Param) -> None:
     _check_int("VAR.train.max_nonfinite_in_row", tr.max_nonfinite_in_row, 1)
     _check_int("VAR.train.warmup_epochs", tr.warmup_epochs, 0)
     _check_int("VAR.train.eval_every", tr.eval_every, 1)
+    _check_num("VAR.train.ema", tr.ema, 0, 1, hi_open=True, what=" (the decay per step of the weights' moving "
+               "average, e.g. 0.995; 0 = none)")
     _require(isinstance(tr.plot, bool), f"VAR.train.plot must be true or false, got {tr.plot!r}.")
     _require(tr.prefetch in ("auto", True, False), f"VAR.train.prefetch must be auto, true or false, "
              f"got {tr.prefetch!r}.")

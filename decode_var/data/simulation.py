@@ -475,3 +475,29 @@ class FrameScale:
         return (frames - self.offset) / self.scale
 
     __call__ = forward
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    """What fitting needs of the frames and the trained volume, parsed once from the param (:meth:`parse`).
+
+    Attributes:
+        channels_in: frames per network input window (``HyperParameter.channels_in``).
+        convert2photons: the frames are raw ADU, converted to photons with the camera (``Camera.convert2photons``).
+        baseline: the camera's offset, ADU (``Camera.baseline``).
+        px_size: (x, y) nm per px (``Camera.px_size``; DECODE's x = first image axis), or None.
+        z_range: (lo, hi) nm, the trained z range (``Simulation.emitter_extent`` z).
+    """
+
+    channels_in: int
+    convert2photons: bool
+    baseline: float
+    px_size: Optional[tuple]
+    z_range: tuple
+
+    @classmethod
+    def parse(cls, param) -> "FrameSettings":
+        c = param.Camera
+        z_lo, z_hi = param.Simulation.emitter_extent[2]
+        return cls(int(param.HyperParameter.channels_in), bool(c.convert2photons), c.baseline,
+                   None if c.px_size is None else tuple(c.px_size), (z_lo, z_hi))

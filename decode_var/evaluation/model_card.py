@@ -154,12 +154,12 @@ def load_card(model_path: Union[str, Path]) -> Optional[ModelCard]:
         return None
 
 
-def update_card(model_path: Union[str, Path], param, precision: Optional[dict] = None,
+def update_card(model_path: Union[str, Path], camera: dict, precision: Optional[dict] = None,
                 epoch: Optional[int] = None, measured_by: str = "decode-var-train",
                 sigma: Optional[SigmaCalibration] = None) -> Path:
-    """Write the card next to ``model_path`` (atomically): the camera of ``param`` and, when given, the
-    precision calibration (``precision_calibration``'s dict) measured at ``epoch`` and the sigma calibration;
-    each one not given is kept from the card's earlier version."""
+    """Write the card next to ``model_path`` (atomically): ``camera`` (the training param's, :func:`camera_of`)
+    and, when given, the precision calibration (``precision_calibration``'s dict) measured at ``epoch`` and the
+    sigma calibration; each one not given is kept from the card's earlier version."""
     old = load_card(model_path)
     if precision is not None:
         calib = PrecisionCalibration(**precision, epoch=epoch, measured_by=measured_by)
@@ -167,7 +167,7 @@ def update_card(model_path: Union[str, Path], param, precision: Optional[dict] =
         calib = old.precision if old is not None else None
     if sigma is None and old is not None:
         sigma = old.sigma
-    return atomic_write_text(card_path(model_path), ModelCard(camera_of(param), calib, sigma=sigma).to_json())
+    return atomic_write_text(card_path(model_path), ModelCard(dict(camera), calib, sigma=sigma).to_json())
 
 
 def _same(a, b) -> bool:
@@ -182,39 +182,40 @@ def _same(a, b) -> bool:
         return a == b
 
 
-def camera_mismatches(card: ModelCard, param) -> list[tuple]:
-    """(key, trained value, this param's value) of each ``Camera`` key that differs (keys the card has)."""
-    now = camera_of(param)
+def camera_mismatches(card: ModelCard, now: dict) -> list[tuple]:
+    """(key, trained value, this param's value) of each ``Camera`` key that differs (keys the card has); ``now``:
+    this param's camera (:func:`camera_of`)."""
     return [(k, card.camera[k], now[k]) for k in CAMERA_KEYS if k in card.camera and not _same(card.camera[k], now[k])]
 
 
-def check_camera(param, model_path: Union[str, Path]) -> Optional[ModelCard]:
-    """Load the card next to ``model_path`` and warn, for each ``Camera`` key, where ``param`` differs from the
+def check_camera(camera: dict, model_path: Union[str, Path]) -> Optional[ModelCard]:
+    """Load the card next to ``model_path`` and warn, for each ``Camera`` key, where ``camera`` (this param's,
+    :func:`camera_of`) differs from the
     camera the model was trained for. Returns the card (None without one: nothing is said about the camera)."""
     card = load_card(model_path)
     if card is None:
         return None
-    for key, trained, now in camera_mismatches(card, param):
+    for key, trained, now in camera_mismatches(card, camera):
         warn(f"Camera.{key}: the model was trained with {trained}, this param says {now} ({card.path}). A model "
              "knows only the noise and units of its training camera: fit frames of that camera with its values, "
              "or retrain for this one.")
     return card
 
 
-def refresh_card(model_path: Union[str, Path], param, metrics: dict) -> Optional[Path]:
+def refresh_card(model_path: Union[str, Path], camera: dict, metrics: dict) -> Optional[Path]:
     """``decode-var-eval`` on the default (seeded) test set: the card's precision calibration again, from the
-    scored test set's ``metrics`` (:func:`decode_var.evaluation.protocol.score`). Skipped, with a note, when
-    ``param``'s camera is not the card's (the test set then is not the model's own). Returns the card written,
-    or None."""
+    scored test set's ``metrics`` (:meth:`decode_var.evaluation.protocol.Protocol.score`). Skipped, with a note,
+    when ``camera`` (this param's, :func:`camera_of`) is not the card's (the test set then is not the model's
+    own). Returns the card written, or None."""
     card = load_card(model_path)
-    if card is not None and camera_mismatches(card, param):
+    if card is not None and camera_mismatches(card, camera):
         note(f"{card.path} not refreshed: this param's camera is not the one the model was trained for.")
         return None
     calib = precision_calibration(metrics)
     if calib is None:
         return None
     try:
-        return update_card(model_path, param, calib, epoch=None, measured_by="decode-var-eval")
+        return update_card(model_path, camera, calib, epoch=None, measured_by="decode-var-eval")
     except OSError as err:  # e.g. a read-only model folder: the evaluation itself stands
         warn(f"{card_path(model_path)} not refreshed: {err}")
         return None

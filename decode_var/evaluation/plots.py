@@ -69,11 +69,11 @@ def _error_histograms(row, tp, tp_match) -> None:
     row[3].set_title(f"dphot: mean {dphot.mean():.0f}, sd {dphot.std():.0f}")
 
 
-def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, frame_hw=None,
-                     frame_image=None, image_unit: str = "") -> None:
+def plot_eval_report(path: Path, matched, gt, em_out, frame_hw, n_frames: int = 4, frame_image=None,
+                     image_unit: str = "") -> None:
     """``report.png``: error histograms, predicted vs true positions, Jaccard / RMSE by photon bin.
 
-    ``frame_hw``: frame size (size_x, size_y) in px of the evaluated frames (default Simulation.img_size).
+    ``frame_hw``: frame size (size_x, size_y) in px of the evaluated frames.
     ``frame_image``: optional ``f -> (size_x, size_y)`` array (or None), the camera frame ``f``
     (``image_unit``, e.g. photons or ADU) drawn under the true and predicted positions of the two
     frame panels.
@@ -87,7 +87,7 @@ def plot_eval_report(path: Path, matched, gt, em_out, param, n_frames: int = 4, 
     for j, f in enumerate(frames[:2]):
         a = ax[1, j]
         g, o = gt[gt.frame_ix == f], em_out[em_out.frame_ix == f]
-        hw = frame_hw or param.Simulation.img_size
+        hw = frame_hw
         img = frame_image(f) if frame_image is not None else None
         if img is not None:  # pixel (i, j) centred on x = i (down), y = j (right)
             im = a.imshow(np.asarray(img, dtype=np.float32), cmap="gray", interpolation="nearest",

@@ -14,6 +14,7 @@ the output grid may differ from the input frame (coarse or super-resolved scales
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -23,7 +24,8 @@ from decode_var.core.errors import ParamError, ShapeError
 from decode_var.core.scales import ScaleSchedule
 from decode_var.data.targets import frame_grid  # one grid definition for targets and post-processing
 
-__all__ = ["LookUpPostProcessing", "SpatialIntegration", "parse", "bin_centres"]
+__all__ = ["LookUpPostProcessing", "SpatialIntegration", "PostSettings", "build", "parse", "bin_centres",
+           "duplicate_cells"]
 
 
 def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: Sequence[int]):
@@ -39,6 +41,35 @@ def bin_centres(xextent: Sequence[float], yextent: Sequence[float], img_shape: S
     return ctr_x, ctr_y
 
 
+def duplicate_cells(active_NHW: torch.Tensor, p_NHW: torch.Tensor, x_NHW: torch.Tensor, y_NHW: torch.Tensor,
+                    merge_px: float) -> torch.Tensor:
+    """(N, H, W) bool: active cells that repeat a neighbour's emitter.
+
+    A network unsure which of two neighbouring cells holds an emitter near their border can give both a high p
+    and point both offsets at the same spot; DECODE's split rule (a non-maximum above ``split_th`` is a second
+    emitter) then reports it twice, a few hundredths of a px apart. A cell is such a repeat when one of its 8
+    neighbours is active, its predicted position (``x_NHW``, ``y_NHW``: cell centre + offset, input px) lies
+    within ``merge_px`` of this cell's, and its raw p is higher (equal: the neighbour earlier in row-major
+    order). Of a group of repeats the most probable cell stays.
+    """
+    H, W = active_NHW.shape[-2:]
+    pad = (1, 1, 1, 1)
+    nb_active = torch.nn.functional.pad(active_NHW, pad, value=False)
+    nb_p = torch.nn.functional.pad(p_NHW, pad, value=float("-inf"))
+    nb_x = torch.nn.functional.pad(x_NHW, pad, value=float("nan"))
+    nb_y = torch.nn.functional.pad(y_NHW, pad, value=float("nan"))
+    repeat = torch.zeros_like(active_NHW)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr == dc == 0:
+                continue
+            sl = (Ellipsis, slice(1 + dr, 1 + dr + H), slice(1 + dc, 1 + dc + W))
+            near = (nb_x[sl] - x_NHW) ** 2 + (nb_y[sl] - y_NHW) ** 2 < merge_px ** 2
+            wins = (nb_p[sl] > p_NHW) | ((nb_p[sl] == p_NHW) & ((dr, dc) < (0, 0)))
+            repeat |= nb_active[sl] & near & wins
+    return repeat & active_NHW
+
+
 class LookUpPostProcessing:
     """Threshold the detection channel and read the other channels at the active cells.
 
@@ -52,13 +83,16 @@ class LookUpPostProcessing:
             ``(-0.5, size - 0.5)`` of the output grid size, i.e. the 1x grid.
         img_shape: output grid size (cells along x, y). None: taken from the output at forward time
             (then the extents must be given for any grid other than 1x).
+        merge_px: input px; an active cell whose predicted position lies within ``merge_px`` of that of an
+            active neighbouring cell (3 x 3) with a higher p is the same emitter found twice, and is dropped
+            (:func:`duplicate_cells`); 0 = none, as DECODE.
     """
 
     def __init__(self, raw_th: float, xy_unit: str = "px", px_size=None,
                  pphotxyzbg_mapping: Sequence[int] = (0, 1, 2, 3, 4, 5),
                  photxyz_sigma_mapping: Optional[Sequence[int]] = None,
                  xextent: Optional[Sequence[float]] = None, yextent: Optional[Sequence[float]] = None,
-                 img_shape: Optional[Sequence[int]] = None):
+                 img_shape: Optional[Sequence[int]] = None, merge_px: float = 0.0):
         if not 0.0 <= float(raw_th) <= 1.0:
             raise ParamError(f"PostProcessingParam.raw_th = {raw_th} must lie in [0, 1].")
         if xy_unit not in ("px", "nm"):
@@ -80,6 +114,7 @@ class LookUpPostProcessing:
         self.xextent = None if xextent is None else tuple(float(v) for v in xextent)
         self.yextent = None if yextent is None else tuple(float(v) for v in yextent)
         self.img_shape = None if img_shape is None else tuple(int(s) for s in img_shape)
+        self.merge_px = float(merge_px)
         self._ctr_cache = {}
 
     @classmethod
@@ -87,10 +122,13 @@ class LookUpPostProcessing:
         """From ``PostProcessingParam.raw_th`` and ``Camera.px_size``, on the output grid ``scale`` (a
         :class:`decode_var.core.scales.Scale`; default: the finest of the param's
         :class:`~decode_var.core.scales.ScaleSchedule`, the one description of every grid)."""
-        if scale is None:
-            scale = ScaleSchedule.parse(param).finest
-        kw = dict(raw_th=param.PostProcessingParam.raw_th, xy_unit="px", px_size=param.Camera.px_size,
-                  xextent=scale.xextent, yextent=scale.yextent, img_shape=scale.img_shape)
+        return cls.on_grid(PostSettings.parse(param), scale or ScaleSchedule.parse(param).finest, **kwargs)
+
+    @classmethod
+    def on_grid(cls, settings: "PostSettings", scale, **kwargs):
+        """With ``settings`` (parsed once, :class:`PostSettings`) on the output grid ``scale``."""
+        kw = dict(raw_th=settings.raw_th, xy_unit="px", px_size=settings.px_size, xextent=scale.xextent,
+                  yextent=scale.yextent, img_shape=scale.img_shape, merge_px=settings.merge_px)
         kw.update(kwargs)
         return cls(**kw)
 
@@ -127,9 +165,12 @@ class LookUpPostProcessing:
             mapped = output_N6HW[:, list(self.pphotxyzbg_mapping)]
             p_NHW = self._detection(mapped[:, 0])
             active_NHW = p_NHW >= self.raw_th
+            ctr_x, ctr_y = self._centres(output_N6HW.shape[-2:], output_N6HW.device)
+            if self.merge_px > 0:
+                active_NHW = active_NHW & ~duplicate_cells(active_NHW, mapped[:, 0], ctr_x[:, None] + mapped[:, 2],
+                                                           ctr_y[None, :] + mapped[:, 3], self.merge_px)
             # nonzero() walks (batch, x, y) in row-major order, which fixes the emitter order as in DECODE.
             ix = active_NHW.nonzero(as_tuple=True)
-            ctr_x, ctr_y = self._centres(output_N6HW.shape[-2:], output_N6HW.device)
             feat_CE = mapped[:, 1:].permute(1, 0, 2, 3)[:, active_NHW]  # (5, E): phot, x, y, z, bg
             x = ctr_x[ix[1]] + feat_CE[1]
             y = ctr_y[ix[2]] + feat_CE[2]
@@ -177,10 +218,10 @@ class SpatialIntegration(LookUpPostProcessing):
                  photxyz_sigma_mapping: Optional[Sequence[int]] = None,
                  p_aggregation: Union[str, Callable] = "norm_sum",
                  xextent: Optional[Sequence[float]] = None, yextent: Optional[Sequence[float]] = None,
-                 img_shape: Optional[Sequence[int]] = None):
+                 img_shape: Optional[Sequence[int]] = None, merge_px: float = 0.0):
         super().__init__(raw_th=raw_th, xy_unit=xy_unit, px_size=px_size, pphotxyzbg_mapping=pphotxyzbg_mapping,
                          photxyz_sigma_mapping=photxyz_sigma_mapping, xextent=xextent, yextent=yextent,
-                         img_shape=img_shape)
+                         img_shape=img_shape, merge_px=merge_px)
         self.p_aggregation = self._aggregation(p_aggregation)
 
     @staticmethod
@@ -223,15 +264,37 @@ class SpatialIntegration(LookUpPostProcessing):
 _PP_CLASSES = {"SpatialIntegration": SpatialIntegration, "NMS": SpatialIntegration, "LookUp": LookUpPostProcessing}
 
 
+@dataclass(frozen=True)
+class PostSettings:
+    """The post-processing of a run, parsed once from the param (:meth:`parse`): ``PostProcessing`` (a name of
+    :data:`_PP_CLASSES`, or None: no post-processing, DECODE then fits no emitters), ``PostProcessingParam.raw_th``
+    and ``Camera.px_size`` (nm per px, x = first image axis). :func:`build` makes it for an output grid."""
+
+    name: Optional[str]
+    raw_th: float
+    px_size: Optional[tuple]
+    merge_px: float = 0.0  #: ``VAR.merge_px`` (:func:`duplicate_cells`)
+
+    @classmethod
+    def parse(cls, param) -> "PostSettings":
+        name = getattr(param, "PostProcessing", None)
+        if name not in (None, "") and name not in _PP_CLASSES:
+            raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
+        px = param.Camera.px_size
+        return cls(name or None, param.PostProcessingParam.raw_th, None if px is None else tuple(px),
+                   float(getattr(getattr(param, "VAR", None), "merge_px", None) or 0.0))
+
+
+def build(settings: PostSettings, scale):
+    """The post-processing of ``settings`` for the output grid ``scale`` (a :class:`decode_var.core.scales.Scale`),
+    or None when it has none."""
+    return None if settings.name is None else _PP_CLASSES[settings.name].on_grid(settings, scale)
+
+
 def parse(param, scale=None):
     """Post-processing for the output grid ``scale`` (a :class:`decode_var.core.scales.Scale`), or None.
 
     None when ``param.PostProcessing`` is empty (DECODE then fits no emitters). Without ``scale``: the
     finest scale of the param's :class:`~decode_var.core.scales.ScaleSchedule`.
     """
-    name = getattr(param, "PostProcessing", None)
-    if name is None or name == "":
-        return None
-    if name not in _PP_CLASSES:
-        raise ParamError(f"PostProcessing = {name!r} is unknown; use SpatialIntegration, LookUp or leave it empty.")
-    return _PP_CLASSES[name].parse(param, scale)
+    return build(PostSettings.parse(param), scale or ScaleSchedule.parse(param).finest)

@@ -4,8 +4,8 @@ A model that predicts the standard deviation of each localization (``VAR.model.u
 ``xyz_sig`` in px, px, nm and ``phot_sig`` in photons) is calibrated when 68.27 % of its matched localizations
 lie within +-1 sigma of the truth along each axis (a Gaussian's share within one standard deviation).
 
-- :func:`sigma_coverage`: that share per axis, from the matched pairs of a scoring (:func:`~decode_var.evaluation.
-  protocol.score`'s ``tp`` and ``tp_match``).
+- :func:`sigma_coverage`: that share per axis, from the matched pairs of a scoring (:meth:`~decode_var.evaluation.
+  protocol.Protocol.score`'s ``tp`` and ``tp_match``).
 - :func:`sigma_scale`: the factor per axis that makes the share 68.27 %: the 68.27 % quantile of
   ``|error| / sigma``.
 - :func:`calibrate_sigma`: fits the factors on held-out simulated sets (their own seeds, not the test set's)
@@ -14,7 +14,6 @@ lie within +-1 sigma of the truth along each axis (a Gaussian's share within one
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Optional
 
@@ -24,7 +23,6 @@ import torch
 from decode_var.core.emitters import EmitterSet
 from decode_var.core.seeds import derive_seed
 from decode_var.evaluation.model_card import SigmaCalibration
-from decode_var.evaluation.protocol import ground_truth, score, test_set_size
 
 __all__ = ["ONE_SIGMA", "CALIBRATION_SET", "sigma_coverage", "sigma_scale", "calibrate_sigma"]
 
@@ -80,11 +78,11 @@ def _weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> flo
     return float(values[order][min(int(np.searchsorted(cum, q * cum[-1])), len(values) - 1)])
 
 
-def _matched(parts, param, n: int, seed: int, batch_size: int):
-    """(tp, tp_match) of ``parts.model`` on ``n`` samples simulated from ``param`` with ``seed`` (the protocol's
+def _matched(parts, simulator, n: int, seed: int, batch_size: int):
+    """(tp, tp_match) of ``parts.model`` on ``n`` samples of ``simulator`` drawn with ``seed`` (the protocol's
     scoring)."""
     model = parts.model
-    batch = parts.backend.simulator(param).sample(n, seed)
+    batch = simulator.sample(n, seed)
     device = next(model.parameters()).device
     frames = parts.frame_scale(batch.frames_NCHW)
     was_training = model.training
@@ -98,15 +96,8 @@ def _matched(parts, param, n: int, seed: int, batch_size: int):
     em = parts.task.postprocess(torch.cat(outs, 0))
     if em is None:
         raise ValueError("sigma calibration needs the post-processing (PostProcessing is empty in the param).")
-    _, (tp, _, _, tp_match) = score(param, parts.backend, parts.matcher, em, ground_truth(param, batch))
+    _, (tp, _, _, tp_match) = parts.protocol.score(parts.backend, parts.matcher, em, parts.protocol.ground_truth(batch))
     return tp, tp_match
-
-
-def _density_ends(param) -> list:
-    """The emitters per frame the held-out sets are simulated at: both ends of ``Simulation.emitter_av`` (a range)
-    or its one value."""
-    av = param.Simulation.emitter_av
-    return sorted({float(a) for a in av}) if isinstance(av, (list, tuple)) else [float(av)]
 
 
 def calibrate_sigma(parts, n: Optional[int] = None, epoch: Optional[int] = None,
@@ -115,7 +106,7 @@ def calibrate_sigma(parts, n: Optional[int] = None, epoch: Optional[int] = None,
     and apply them (``sigma_scale`` is multiplied: calibrating again refines, it does not compound).
 
     One held-out set per end of the trained density range (``Simulation.emitter_av`` [low, high]; one set for a
-    single value), seed ``derive_seed(VAR.test_seed, CALIBRATION_SET, k)``; the factors (:func:`sigma_scale`) count
+    single value: ``parts.density_ends``), seed ``derive_seed(VAR.test_seed, CALIBRATION_SET, k)``; the factors (:func:`sigma_scale`) count
     every set with the same total weight, so that the mean of their shares within +-1 sigma is ``ONE_SIGMA``.
     Sigmas grow less with crowding than the errors do (docs/models.md): a factor fitted on the mix of densities,
     where the dense samples hold most emitters, would leave the sparse end over- and the dense end under-covered;
@@ -123,7 +114,7 @@ def calibrate_sigma(parts, n: Optional[int] = None, epoch: Optional[int] = None,
 
     Args:
         parts: the run's :class:`~decode_var.training.components.Components` (model, task, backend, frame scale,
-            matcher, param).
+            matcher, protocol, and the simulators at the density ends).
         n: samples per held-out set (default ``max(TestSet.test_size, 2048)``: the share within +-1 sigma varies by
             about 0.03 between sets of 512 samples, more than its binomial error, as emitters of a sample share
             their background and neighbours).
@@ -133,15 +124,14 @@ def calibrate_sigma(parts, n: Optional[int] = None, epoch: Optional[int] = None,
         The card's record, ``scale_*`` the model's ``sigma_scale`` now (write it with
         :func:`~decode_var.evaluation.model_card.update_card`, ``sigma=``); coverages of the held-out sets pooled.
     """
-    model, param = parts.model, parts.param
+    model = parts.model
     if getattr(model, "sigma_scale", None) is None:
         raise ValueError("this model predicts no sigma (VAR.model.uncertainty: false): nothing to calibrate.")
-    n = n or max(test_set_size(param), 2048)
+    n = n or max(parts.protocol.size(), 2048)
     sets = []
-    for k, density in enumerate(_density_ends(param)):
-        p = copy.deepcopy(param)
-        p.Simulation.emitter_av = density
-        sets.append(_matched(parts, p, n, derive_seed(param.VAR.test_seed, CALIBRATION_SET, k), batch_size))
+    for k, density in enumerate(parts.density_ends):
+        seed = derive_seed(parts.protocol.root_seed, CALIBRATION_SET, k)
+        sets.append(_matched(parts, parts.simulator_at(density), n, seed, batch_size))
     tp, tp_match = (EmitterSet.cat([s[i] for s in sets]) for i in (0, 1))
     raw = sigma_coverage(tp, tp_match)
     weight_E = np.concatenate([np.full(len(s[0]), 1.0 / max(len(s[0]), 1)) for s in sets])
@@ -152,4 +142,4 @@ def calibrate_sigma(parts, n: Optional[int] = None, epoch: Optional[int] = None,
     after = sigma_coverage(tp, tp_match)
     return SigmaCalibration(*model.sigma_scale.tolist(), *(raw[f"cover_{a}"] for a in "xyz"),
                             *(after[f"cover_{a}"] for a in "xyz"), n_matched=len(tp), epoch=epoch,
-                            measured_by=measured_by, densities=_density_ends(param))
+                            measured_by=measured_by, densities=parts.density_ends)

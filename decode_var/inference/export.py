@@ -28,7 +28,7 @@ bkgstd is the Poisson estimate ``sqrt(bg)``. The localization precision (lpx, lp
 (:func:`localization_precision`) the model's predicted sigma where it gives one; else the CRLB of the run's
 PSF at the localization's position, photons and background, scaled by the model's measured RMSE / sqrt(CRLB)
 on its own test set (``model_card.json``, :mod:`decode_var.evaluation.model_card`), or unscaled ("uncalibrated
-CRLB") without a card; without a PSF model (no param) the shot-noise limit ``PSF width / sqrt(photons)``, a
+CRLB") without a card; without a PSF model (no ``psf``) the shot-noise limit ``PSF width / sqrt(photons)``, a
 lower bound. What was used is written in Picasso's yaml (``Precision``) and in ThunderSTORM's
 ``<name>-protocol.txt``.
 
@@ -57,10 +57,8 @@ from decode_var.core.errors import InputDataError
 from decode_var.core.log import note, warn
 from decode_var.core.version import __version__
 from decode_var.data.emitter_io import save_emitters
-from decode_var.data.simulation import astigmatism
-from decode_var.data.spline_psf import SplinePSF, load_calibration
 from decode_var.data.tiff import open_stack
-from decode_var.evaluation.crlb_scoring import crlb_px
+from decode_var.evaluation.crlb_scoring import CrlbModel
 from decode_var.evaluation.model_card import ModelCard, load_card
 from decode_var.inference.render import render as render_image, save_render
 
@@ -175,25 +173,26 @@ class Precision:
                 f"({p.n_matched} matched emitters{epoch}, {p.measured_by}; {self.card.path})")
 
 
-def localization_precision(em: EmitterSet, px_size_nm: np.ndarray, width_px: np.ndarray, param=None,
+def localization_precision(em: EmitterSet, px_size_nm: np.ndarray, width_px: np.ndarray, psf: Optional[CrlbModel] = None,
                            card: Optional[ModelCard] = None) -> Precision:
     """The precision every export writes (see the module docstring for the order of sources).
 
     Args:
         em: the rows to write (finite positions and photons).
-        px_size_nm: (2,) nm per px. width_px: (E, 2) PSF widths in px (the shot-noise limit without a param).
-        param: the run's param (its PSF model and camera), or None. card: the model's card, or None.
+        px_size_nm: (2,) nm per px. width_px: (E, 2) PSF widths in px (the shot-noise limit without ``psf``).
+        psf: the run's PSF model and camera (:class:`~decode_var.evaluation.crlb_scoring.CrlbModel`), or None.
+        card: the model's card, or None.
     """
     n = len(em)
     sigma = np.full((n, 3), np.nan)
     var = None if em.xyz_cr is None else _in_px(em.xyz_cr.double().numpy(), em, px_size_nm, squared=True)
-    if param is not None:
-        psf = "Gaussian" if param.VAR.psf == "gaussian" else param.VAR.psf
-        basis = f"CRLB of the run's {psf} PSF at each localization's position, photons and background"
+    if psf is not None:
+        kind = "Gaussian" if psf.kind == "gaussian" else psf.kind
+        basis = f"CRLB of the run's {kind} PSF at each localization's position, photons and background"
         need = np.ones(n, bool) if var is None else ~np.isfinite(var).all(1)  # an emitter file's own CRLB stays
         var = np.full((n, 3), np.nan) if var is None else var
         if need.any():
-            var[need] = _crlb_var(param, _xyz_px(em, px_size_nm)[need],
+            var[need] = _crlb_var(psf, _xyz_px(em, px_size_nm)[need],
                                   np.clip(em.phot.double().numpy()[need], 1.0, None), _background(em)[need])
         if em.bg is None:
             basis += " (background unknown, taken as 0: a bound too low)"
@@ -203,7 +202,7 @@ def localization_precision(em: EmitterSet, px_size_nm: np.ndarray, width_px: np.
         sigma[:, :2] = width_px / np.sqrt(np.clip(em.phot.double().numpy(), 1e-9, None))[:, None]
     ratios = None
     if var is not None:
-        if param is None:
+        if psf is None:
             basis = "the CRLB of the emitter file"
         sigma = np.where(np.isfinite(var), np.sqrt(np.clip(var, 0, None)), sigma)
         if card is not None and card.precision is not None:
@@ -280,8 +279,8 @@ def _background(em: EmitterSet) -> np.ndarray:
     return np.clip(np.nan_to_num(em.bg.double().numpy(), nan=0.0, posinf=0.0), 0.0, None)
 
 
-def _crlb_var(param, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np.ndarray:
-    """(E, 3) CRLB variances of the run's PSF: x, y in px^2, z in nm^2 (:func:`crlb_px`).
+def _crlb_var(psf: CrlbModel, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """(E, 3) CRLB variances of the run's PSF: x, y in px^2, z in nm^2 (:meth:`CrlbModel.px`).
 
     Exact for up to ``CRLB_GRID_ABOVE`` localizations (50 to 300 us each on one core). Beyond, interpolated
     (linearly in log variance) from the bounds on a grid of z x log photons x log(1 + bg) over the localizations'
@@ -289,7 +288,7 @@ def _crlb_var(param, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np
     bound (its sub-pixel dependence).
     """
     if len(phot) <= CRLB_GRID_ABOVE:
-        var = crlb_px(param, torch.from_numpy(xyz_px), torch.from_numpy(phot), torch.from_numpy(bg))
+        var = psf.px(torch.from_numpy(xyz_px), torch.from_numpy(phot), torch.from_numpy(bg))
         return var[:, :3].double().numpy()
     from scipy.interpolate import RegularGridInterpolator  # lazy: 0.4 s, for large exports only
 
@@ -299,8 +298,8 @@ def _crlb_var(param, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np
     z, log_phot, log1p_bg = (a.ravel() for a in np.meshgrid(*axes, indexing="ij"))
     centre = np.round(np.median(xyz_px[:, :2], 0))
     nodes = np.column_stack([np.broadcast_to(centre, (z.size, 2)), z])
-    var = crlb_px(param, torch.from_numpy(nodes), torch.from_numpy(np.exp(log_phot)),
-                  torch.from_numpy(np.expm1(log1p_bg)))[:, :3].double().numpy()
+    var = psf.px(torch.from_numpy(nodes), torch.from_numpy(np.exp(log_phot)),
+                 torch.from_numpy(np.expm1(log1p_bg)))[:, :3].double().numpy()
     out = np.empty((len(phot), 3))
     for i in range(3):
         with np.errstate(invalid="ignore", divide="ignore"):  # z of a 2D PSF: nan throughout
@@ -309,36 +308,12 @@ def _crlb_var(param, xyz_px: np.ndarray, phot: np.ndarray, bg: np.ndarray) -> np
     return out
 
 
-def psf_width_px(param, z_nm: np.ndarray) -> np.ndarray:
-    """(E, 2) PSF standard deviation along DECODE x, y in px at each z (nm), from the run's PSF model.
-
-    Gaussian PSF: its astigmatic widths. Spline PSF: the second moments of the calibration's ROI, on a z grid
-    across the calibrated range, interpolated. Without a param: 1 px.
-    """
-    z_nm = np.asarray(z_nm, dtype=np.float64).reshape(-1)
-    if param is None:
-        return np.ones((z_nm.size, 2))
-    if param.VAR.psf == "spline":
-        calib = load_calibration(param.InOut.calibration_file)
-        nx, ny, _ = calib.shape
-        psf = SplinePSF((-0.5, nx - 0.5), (-0.5, ny - 0.5), (nx, ny), calib)
-        lo, hi = calib.z_range_nm
-        grid = np.linspace(lo + 1e-3 * (hi - lo), hi, 65)
-        centre = torch.tensor(calib.ref0[:2], dtype=torch.float64)
-        xyz = torch.cat([centre.expand(grid.size, 2), torch.from_numpy(grid)[:, None]], 1)
-        rois, corner = psf.rois(xyz, torch.ones(grid.size, dtype=torch.float64))
-        rois = rois.clamp_min(0)
-        w = []
-        for axis, coord in ((2, torch.arange(rois.size(1), dtype=torch.float64)),
-                            (1, torch.arange(rois.size(2), dtype=torch.float64))):
-            prof = rois.sum(axis)
-            mean = (prof * coord).sum(1) / prof.sum(1)
-            w.append((((coord - mean[:, None]) ** 2 * prof).sum(1) / prof.sum(1)).sqrt().numpy())
-        return np.stack([np.interp(z_nm, grid, w[0]), np.interp(z_nm, grid, w[1])], 1)
-    g = param.VAR.gaussian_psf
-    if not g.mode_3d:
-        return np.full((z_nm.size, 2), float(g.sigma_0))
-    return astigmatism(torch.from_numpy(z_nm), g.sigma_0, g.foc_shift, g.rl_range).numpy()
+def psf_width_px(psf: Optional[CrlbModel], z_nm: np.ndarray) -> np.ndarray:
+    """(E, 2) PSF standard deviation along DECODE x, y in px at each z (nm), from the run's PSF model
+    (:meth:`~decode_var.evaluation.crlb_scoring.CrlbModel.width_px`); without one: 1 px."""
+    if psf is None:
+        return np.ones((np.asarray(z_nm).size, 2))
+    return psf.width_px(z_nm)
 
 
 def _is_3d(em: EmitterSet) -> bool:
@@ -347,7 +322,7 @@ def _is_3d(em: EmitterSet) -> bool:
 
 def _columns(em: EmitterSet, px_size_nm, width_px, three_d, precision=None):
     """What every export reads: px size (nm), DECODE positions (px, px, nm), PSF widths (px), localization
-    precisions (px, px, nm; ``precision`` (E, 3), default :func:`localization_precision` without a param) and
+    precisions (px, px, nm; ``precision`` (E, 3), default :func:`localization_precision` without a PSF model) and
     whether the set is 3D. Rows a reader cannot use are refused (the ``save_*`` functions drop them first)."""
     _, reasons = _unreadable(em)
     if reasons:
@@ -360,18 +335,18 @@ def _columns(em: EmitterSet, px_size_nm, width_px, three_d, precision=None):
     return size, _xyz_px(em, size), width, prec, (_is_3d(em) if three_d is None else three_d)
 
 
-def _prepare(em: EmitterSet, n_frames, px_size_nm, width_px, param, card, what: str):
-    """The rows to write (:func:`readable_rows`), px size, their PSF widths (given, or the param's PSF) and
+def _prepare(em: EmitterSet, n_frames, px_size_nm, width_px, psf, card, what: str):
+    """The rows to write (:func:`readable_rows`), px size, their PSF widths (given, or the run's PSF's) and
     precision: what ``save_picasso`` and ``save_thunderstorm`` share."""
     em, keep = readable_rows(em, n_frames, what)
     size = _px_size(em, px_size_nm)
     if width_px is None:
-        width = psf_width_px(param, em.xyz[:, 2].numpy())
+        width = psf_width_px(psf, em.xyz[:, 2].numpy())
     else:
         width = np.asarray(width_px, np.float64)
         width = width[keep] if width.ndim == 2 and width.shape[0] == keep.size else width
         width = np.broadcast_to(width, (len(em), 2))
-    return em, size, width, localization_precision(em, size, width, param, card)
+    return em, size, width, localization_precision(em, size, width, psf, card)
 
 
 # Picasso ------------------------------------------------------------------------------------------
@@ -410,7 +385,8 @@ def _picasso_info(table: np.ndarray, size: np.ndarray, frame_shape, n_frames, pr
 
 def save_picasso(path: Union[str, pathlib.Path], em: EmitterSet, frame_shape: Optional[Sequence[int]] = None,
                  n_frames: Optional[int] = None, px_size_nm=None, width_px: Optional[np.ndarray] = None,
-                 three_d: Optional[bool] = None, param=None, card: Optional[ModelCard] = None) -> pathlib.Path:
+                 three_d: Optional[bool] = None, psf: Optional[CrlbModel] = None,
+                 card: Optional[ModelCard] = None) -> pathlib.Path:
     """Write Picasso's localization HDF5 (``path``, e.g. ``*_locs.hdf5``) and its ``.yaml`` sidecar.
 
     Rows no reader can use are dropped with a warning (:func:`readable_rows`; with ``n_frames``, those
@@ -422,8 +398,9 @@ def save_picasso(path: Union[str, pathlib.Path], em: EmitterSet, frame_shape: Op
             localizations' extent.
         n_frames: frames of the movie (default: last frame index + 1).
         px_size_nm: (2,) nm per px (default: the emitters' ``px_size``); Picasso needs square pixels.
-        width_px: (E, 2) or (2,) PSF widths along DECODE x, y in px (default: :func:`psf_width_px` of ``param``).
-        param: the run's param (PSF model and camera, for the CRLB); card: the model's card (its calibration).
+        width_px: (E, 2) or (2,) PSF widths along DECODE x, y in px (default: :func:`psf_width_px` of ``psf``).
+        psf: the run's PSF model and camera, for the CRLB (:meth:`CrlbModel.parse` of the run's param); card: the
+            model's card (its calibration).
     """
     path = pathlib.Path(path)
     if path.suffix.lower() not in (".hdf5", ".h5"):
@@ -432,7 +409,7 @@ def save_picasso(path: Union[str, pathlib.Path], em: EmitterSet, frame_shape: Op
     if abs(size[0] - size[1]) > 1e-6 * size[0]:
         raise InputDataError(f"Picasso assumes square pixels, but the pixel size is {size.tolist()} nm. Resample, or "
                              "use the ThunderSTORM export (nm).")
-    em, size, width, prec = _prepare(em, n_frames, size, width_px, param, card, f"Picasso export {path.name}")
+    em, size, width, prec = _prepare(em, n_frames, size, width_px, psf, card, f"Picasso export {path.name}")
     table = picasso_table(em, size, width, three_d, prec.sigma_E3)
     info = [_picasso_info(table, size, frame_shape, n_frames, prec)]
     yaml_path = path.with_suffix(".yaml")
@@ -477,14 +454,15 @@ def thunderstorm_protocol_path(path: Union[str, pathlib.Path]) -> pathlib.Path:
 
 def save_thunderstorm(path: Union[str, pathlib.Path], em: EmitterSet, px_size_nm=None,
                       width_px: Optional[np.ndarray] = None, three_d: Optional[bool] = None,
-                      n_frames: Optional[int] = None, param=None, card: Optional[ModelCard] = None) -> pathlib.Path:
+                      n_frames: Optional[int] = None, psf: Optional[CrlbModel] = None,
+                      card: Optional[ModelCard] = None) -> pathlib.Path:
     """Write ThunderSTORM's results CSV (quoted header with units, nm, frames from 1) and, next to it,
     ``<name>-protocol.txt`` saying what the columns are (the CSV's header has room for names only).
 
     Rows no reader can use are dropped with a warning (:func:`readable_rows`); arguments as :func:`save_picasso`.
     """
     path = pathlib.Path(path)
-    em, size, width, prec = _prepare(em, n_frames, px_size_nm, width_px, param, card,
+    em, size, width, prec = _prepare(em, n_frames, px_size_nm, width_px, psf, card,
                                      f"ThunderSTORM export {path.name}")
     names, values = thunderstorm_table(em, size, width, three_d, prec.sigma_E3)
     fmt = ["%d" if c in ("id", "frame") else "%.6f" for c in names]
@@ -519,23 +497,23 @@ def export_paths(out: Union[str, pathlib.Path], fmt: str) -> pathlib.Path:
 
 
 def export(em: EmitterSet, path: Union[str, pathlib.Path], fmt: str, frame_shape: Optional[Sequence[int]] = None,
-           n_frames: Optional[int] = None, px_size_nm=None, param=None,
+           n_frames: Optional[int] = None, px_size_nm=None, psf: Optional[CrlbModel] = None,
            card: Optional[ModelCard] = None) -> pathlib.Path:
     """Write ``em`` to ``path`` in ``fmt`` (decode: .h5/.csv/.pt by suffix; picasso; thunderstorm).
 
     ``frame_shape`` (size_x, size_y px) and ``n_frames`` describe the movie for Picasso; without them the field
-    of view and the frames are taken from the localizations. ``param`` (the run's) gives the pixel size when the
-    emitters have none, the PSF widths and the CRLB; ``card`` (the model's, :func:`load_card`) calibrates it.
+    of view and the frames are taken from the localizations. ``psf`` (the run's PSF model and camera,
+    :meth:`CrlbModel.parse`) gives the pixel size when the emitters have none, the PSF widths and the CRLB; ``card`` (the model's, :func:`load_card`) calibrates it.
     """
     if fmt not in FORMATS:
         raise InputDataError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
-    if px_size_nm is None and em.px_size is None and param is not None:
-        px_size_nm = param.Camera.px_size
+    if px_size_nm is None and em.px_size is None and psf is not None:
+        px_size_nm = psf.px_size
     if fmt == "decode":
         return save_emitters(path, em)
     if fmt == "thunderstorm":
-        return save_thunderstorm(path, em, px_size_nm, None, None, n_frames, param, card)
-    return save_picasso(path, em, frame_shape, n_frames, px_size_nm, None, None, param, card)
+        return save_thunderstorm(path, em, px_size_nm, None, None, n_frames, psf, card)
+    return save_picasso(path, em, frame_shape, n_frames, px_size_nm, None, None, psf, card)
 
 
 def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence[str] = ("decode",),
@@ -559,10 +537,11 @@ def write_fit_outputs(param_file, em: EmitterSet, out, frames, formats: Sequence
     if em.px_size is None:
         em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
     card = load_card(model) if model is not None else None
+    psf = CrlbModel.parse(param)
     written = []
     for fmt in dict.fromkeys(formats):  # once each, in the order given
         if fmt != "decode":  # --out itself is DECODE's format
-            written.append(export(em, export_paths(out, fmt), fmt, frame_shape, n_frames, None, param, card))
+            written.append(export(em, export_paths(out, fmt), fmt, frame_shape, n_frames, None, psf, card))
     if render:
         png = pathlib.Path(out).with_name(pathlib.Path(out).stem + "_render.png")
         try:

@@ -60,14 +60,13 @@ class Predictor:
 
     def __init__(self, param, model_path, device: str = "cpu", trusted: bool = False, sparse: bool = False,
                  sparse_threshold: float = DEFAULT_THRESHOLD, sparse_max_cost: float = 1.0):
-        self.param = param
         self.device = torch.device(device)
         # the parts of the training run (the composition root): the task's output units and post-processing,
         # so that every model that trains also fits (six-channel maps, DECODE's SigmaMUNet with its sigmas)
         self.parts = build(param)
         self.backend, self.model, self.task = self.parts.backend, self.parts.model, self.parts.task
         load_model_weights(self.model, model_path, trusted=trusted)
-        self.card = check_camera(param, model_path)  # warns where the camera is not the training one (issue 27)
+        self.card = check_camera(self.parts.camera_record, model_path)  # warns where the camera is not the training one (issue 27)
         self.model.to(self.device).eval()
         # channels-last convolutions: 1.27x the frames/s of the quickstart model at 256 x 256 px on this
         # project's CPU, positions within 2e-5 px of the default layout (docs/fitting.md, speed)
@@ -76,7 +75,8 @@ class Predictor:
             self.model.to(memory_format=torch.channels_last)
         self.schedule = self.parts.schedule  # the model's own
         self.frame_scale, self.camera = self.parts.frame_scale, self.parts.camera
-        self.channels_in = int(param.HyperParameter.channels_in)
+        self.frames = self.parts.frames  # units, window and pixel size of the frames, the trained z range
+        self.channels_in = self.frames.channels_in
         self._grids: dict = {}
         self._posts: dict = {}
         self._act_bytes_per_px: Optional[float] = None
@@ -145,7 +145,7 @@ class Predictor:
     # ------------------------------------------------------------------ units
     def adu_to_photons(self, frames: torch.Tensor) -> torch.Tensor:
         """Raw camera frames (ADU) -> photons, as DECODE does for ``Camera.convert2photons``."""
-        return self.camera.backward(frames) if self.param.Camera.convert2photons else frames
+        return self.camera.backward(frames) if self.frames.convert2photons else frames
 
     def to_network(self, frames_photons: torch.Tensor) -> torch.Tensor:
         """Frames in photons (any shape) -> network input units (DECODE's AmplitudeRescale)."""
@@ -234,7 +234,7 @@ class Predictor:
         in_frame = torch.ones(len(em), dtype=torch.bool, device=xyz.device)
         for axis, (e, w, n) in enumerate(zip(ext, width, frame_hw)):
             in_frame &= (xyz[:, axis] >= e[0]) & (xyz[:, axis] < e[0] + w * int(n))
-        z_lo, z_hi = self.param.Simulation.emitter_extent[2]
+        z_lo, z_hi = self.frames.z_range
         margin = Z_MARGIN_SHARE * (z_hi - z_lo)
         in_z = (xyz[:, 2] >= z_lo - margin) & (xyz[:, 2] <= z_hi + margin)
         return in_frame, in_z
@@ -245,7 +245,7 @@ class Predictor:
         for i in range(0, frames_NCHW_photons.size(0), batch_size):
             out = self.output(frames_NCHW_photons[i:i + batch_size], first_frame + i)
             ems.append(self.emitters(out, first_frame + i, hw))
-        return EmitterSet.cat(ems) if ems else EmitterSet.empty(px_size=self.param.Camera.px_size)
+        return EmitterSet.cat(ems) if ems else EmitterSet.empty(px_size=self.frames.px_size)
 
     # ------------------------------------------------------------------ memory
     def window_bytes(self, hw: Sequence[int]) -> int:

@@ -104,7 +104,8 @@ class StackReport:
     Args:
         n_frames, frame_hw: the stack's frame count and (H, W) px.
         saturation: saturated pixel value (:func:`saturation_level` of the pixel type) or None.
-        camera: the param's ``Camera`` section (``convert2photons``, ``baseline``), for the messages.
+        camera: the frames' settings (:class:`~decode_var.data.simulation.FrameSettings`: ``convert2photons``,
+            ``baseline``), for the messages.
         path: the stack's file, for the messages and the output's metadata.
     """
 
@@ -118,7 +119,7 @@ class StackReport:
 
     @classmethod
     def for_stack(cls, pred, stack) -> "StackReport":
-        return cls(len(stack), stack.shape[1:], saturation_level(getattr(stack, "dtype", None)), pred.param.Camera,
+        return cls(len(stack), stack.shape[1:], saturation_level(getattr(stack, "dtype", None)), pred.frames,
                    getattr(stack, "path", None))
 
     def add(self, kind_T: torch.Tensor, raw_THW: torch.Tensor, photons_THW: torch.Tensor, first: int) -> None:
@@ -269,14 +270,14 @@ def fit(param_file, model, frames, out, batch_size="auto", device="cpu", mask_no
         pred = Predictor(param, resolve_model_path(model), device, trusted, sparse=sparse)
         _check_max_sigma(pred, max_sigma)
         try:
-            run = _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume,
-                               compile, mask_nonfinite)
+            run = _open_blocks(partial, pred, param, stack, frames, model, batch_size, max_memory, block_frames,
+                               resume, compile, mask_nonfinite)
             if compile:
                 pred.compile(run["batch_size"])
             report = StackReport.for_stack(pred, stack)
             em = _fit_blocks(pred, stack, partial, mask_nonfinite, progress, report)
             _finish(report, partial)
-            em = _written(em, param, max_sigma)
+            em = _written(em, pred.frames.px_size, max_sigma)
             # our writer for every backend: DECODE's formats, plus the record of the data in the decode meta
             save_emitters(out, em, source=report.meta(stack.dtype))
             partial.remove()  # only now: the output is in place
@@ -293,17 +294,18 @@ def _check_max_sigma(pred, max_sigma) -> None:
                              "leave out --max-sigma.")
 
 
-def _written(em: EmitterSet, param, max_sigma) -> EmitterSet:
-    """The localizations as written: with the camera's pixel size, filtered by ``max_sigma`` (nm) where given."""
+def _written(em: EmitterSet, px_size, max_sigma) -> EmitterSet:
+    """The localizations as written: with the camera's pixel size (nm), filtered by ``max_sigma`` (nm) where given."""
     if em.px_size is None:
-        em.px_size = torch.tensor(param.Camera.px_size, dtype=torch.float32)
-    return em if max_sigma is None else filter_max_sigma(em, float(max_sigma), param.Camera.px_size)
+        em.px_size = torch.tensor(px_size, dtype=torch.float32)
+    return em if max_sigma is None else filter_max_sigma(em, float(max_sigma), px_size)
 
 
-def _open_blocks(partial, pred, stack, frames, model, batch_size, max_memory, block_frames, resume, compile,
+def _open_blocks(partial, pred, param, stack, frames, model, batch_size, max_memory, block_frames, resume, compile,
                  mask_nonfinite) -> dict:
-    """The manifest of the fit's block store: the existing one, checked (``resume``), or a new one."""
-    record = run_record(stack, frames, pred.param, resolve_model_path(model), pred.device, compile, mask_nonfinite,
+    """The manifest of the fit's block store: the existing one, checked (``resume``), or a new one (``param``: the
+    fit's, whose values the manifest records)."""
+    record = run_record(stack, frames, param, resolve_model_path(model), pred.device, compile, mask_nonfinite,
                         pred.sparse_threshold is not None)
     if resume and partial.done():
         auto = batch_size is None or str(batch_size).lower() == "auto"  # then the blocks' batch size
@@ -434,7 +436,7 @@ def _localize_block(pred, item, n_total: int, mask_nonfinite: bool, report: Stac
     """The EmitterSets of one block of :func:`read_blocks` ``(b0, b1, lo, block_THW)``: one per run of
     consecutive possible centre frames (impossible ones are not fitted)."""
     b0, b1, lo, block_THW = item
-    block_THW = check_block_values(block_THW, lo, mask_nonfinite, bool(pred.param.Camera.convert2photons))
+    block_THW = check_block_values(block_THW, lo, mask_nonfinite, pred.frames.convert2photons)
     photons_THW = pred.adu_to_photons(block_THW)
     kind_T = frame_kinds(block_THW, photons_THW, report.saturation)
     centre = slice(b0 - lo, b1 - lo)

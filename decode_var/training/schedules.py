@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -54,14 +55,13 @@ class WarmupCosine:
         self._apply()
 
 
-def build_lr_scheduler(param, optimizer):
+def build_lr_scheduler(settings: "TrainSettings", optimizer):
     """``HyperParameter.learning_rate_scheduler``: cosine (with ``VAR.train.warmup_epochs``), StepLR or
     ReduceLROnPlateau, with ``learning_rate_scheduler_param``."""
-    hp = param.HyperParameter
-    kw = hp.learning_rate_scheduler_param.to_dict() if hasattr(hp.learning_rate_scheduler_param, "to_dict") else {}
-    if hp.learning_rate_scheduler == "cosine":
-        return WarmupCosine(optimizer, hp.epochs, param.VAR.train.warmup_epochs, **kw)
-    if hp.learning_rate_scheduler == "StepLR":
+    kw = dict(settings.scheduler_param)
+    if settings.scheduler == "cosine":
+        return WarmupCosine(optimizer, settings.epochs, settings.warmup_epochs, **kw)
+    if settings.scheduler == "StepLR":
         kw.setdefault("step_size", 10)
         return torch.optim.lr_scheduler.StepLR(optimizer, **kw)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kw)
@@ -82,6 +82,53 @@ def grad_clip_norm(param) -> float:
         return DECODE_GRAD_MOD_NORM
     clip = param.VAR.train.grad_clip
     return clip if clip > 0 else float("inf")
+
+
+def _plain_dict(section) -> dict:
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a run trains, parsed once from the param (:meth:`parse`); the trainer reads nothing else of it.
+
+    Attributes:
+        seed: ``VAR.seed`` (initial weights, and with epoch and step every draw of training).
+        epochs, batch_size, pseudo_ds_size: ``HyperParameter``'s (samples per epoch = ``pseudo_ds_size``).
+        optimizer, opt_param: ``HyperParameter.optimizer`` (Adam, AdamW) and its keyword arguments.
+        scheduler, scheduler_param, warmup_epochs: ``HyperParameter.learning_rate_scheduler`` (+ ``_param``)
+            and ``VAR.train.warmup_epochs`` (:func:`build_lr_scheduler`).
+        grad_clip: max gradient norm of a step (:func:`grad_clip_norm`; inf = none).
+        max_nonfinite_in_row, eval_every, prefetch, plot: ``VAR.train``'s.
+        ema: ``VAR.train.ema``, the decay of the weights' moving average (0: none;
+            :class:`~decode_var.training.ema.WeightAverage`).
+    """
+
+    seed: int
+    epochs: int
+    batch_size: int
+    pseudo_ds_size: int
+    optimizer: str
+    opt_param: dict
+    scheduler: str
+    scheduler_param: dict
+    warmup_epochs: int
+    grad_clip: float
+    max_nonfinite_in_row: int
+    eval_every: int
+    prefetch: object
+    plot: bool
+    ema: float = 0.0
+
+    @classmethod
+    def parse(cls, param) -> "TrainSettings":
+        hp, train = param.HyperParameter, param.VAR.train
+        return cls(seed=param.VAR.seed, epochs=hp.epochs, batch_size=hp.batch_size, pseudo_ds_size=hp.pseudo_ds_size,
+                   optimizer=hp.optimizer, opt_param=_plain_dict(hp.opt_param), scheduler=hp.learning_rate_scheduler,
+                   scheduler_param=_plain_dict(hp.learning_rate_scheduler_param), warmup_epochs=train.warmup_epochs,
+                   grad_clip=grad_clip_norm(param), max_nonfinite_in_row=train.max_nonfinite_in_row,
+                   eval_every=train.eval_every, prefetch=train.prefetch, plot=bool(train.plot),
+                   ema=float(train.ema or 0.0))
 
 
 class TimeBudget:

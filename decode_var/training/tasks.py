@@ -65,7 +65,9 @@ class Task(ABC):
     sigma = False
 
     def __init__(self, param, backend, model, loss):
-        self.param, self.backend, self.model, self.loss = param, backend, model, loss
+        """Built by the composition root (:func:`decode_var.training.components.build`), which hands over the
+        param: a task parses what it needs of it here and keeps none of it."""
+        self.backend, self.model, self.loss = backend, model, loss
 
     # data and forward -------------------------------------------------------------------------
     @abstractmethod
@@ -149,6 +151,7 @@ class SixChannelTask(Task):
         self.schedule = ScaleSchedule.parse(param, scale_factors(param, model))  # the model's own scales
         self.targets = MultiScaleTargets.parse(param, backend, self.schedule)
         self.rescale = TargetRescale.parse(param)
+        self.post_settings = postprocessing.PostSettings.parse(param)
         self.progressive = is_progressive(model)  # teacher forcing, coins, scale outputs
         self.scheduled = is_scheduled(loss)  # scale and channel weights with a state
         self.sigma = predicts_sigma(model)  # 10-channel finest map
@@ -197,8 +200,8 @@ class SixChannelTask(Task):
         backend builds it reads no sigma channels; on the 1x grid the two agree bit for bit), reading the
         standard deviations into ``phot_sig`` and ``xyz_sig``."""
         if not self.sigma:
-            return self.backend.post_processing(self.param, grid)
-        post = postprocessing.parse(self.param, grid)
+            return self.backend.post_processing(self.post_settings, grid)
+        post = postprocessing.build(self.post_settings, grid)
         if post is not None:
             post.photxyz_sigma_mapping = SIGMA_CHANNELS
         return post

@@ -17,6 +17,7 @@ loss state (adaptive weights, schedule) and history, so 2 + 2 epochs give the we
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import signal
@@ -35,14 +36,14 @@ from decode_var.core.errors import CheckpointError, DecodeVarError
 from decode_var.core.log import note, warn
 from decode_var.core.seeds import derive_seed
 from decode_var.evaluation.crlb_scoring import precision_calibration
-from decode_var.evaluation.protocol import ground_truth, score, test_set_seed, test_set_size
 from decode_var.evaluation.model_card import update_card
 from decode_var.evaluation.uncertainty import calibrate_sigma
 from decode_var.evaluation.plots import plot_training_curves
 from decode_var.training import checkpoint as ckpt_io
 from decode_var.training.distributed import SingleProcess, wrap_model
+from decode_var.training.ema import WeightAverage
 from decode_var.training.prefetch import Prefetcher
-from decode_var.training.schedules import TimeBudget, build_lr_scheduler, grad_clip_norm, step_lr_scheduler
+from decode_var.training.schedules import TimeBudget, build_lr_scheduler, step_lr_scheduler
 from decode_var.training.components import build
 from decode_var.training.tasks import component_vector, predicts_sigma
 
@@ -132,19 +133,24 @@ class Trainer:
     def __init__(self, param, exp_dir: Path, device: str = "cpu", log: bool = True, tb_dir: Optional[Path] = None,
                  progress: bool = True, dist=None):
         self.proc = dist if dist is not None else SingleProcess()
-        self.param, self.device, self.log_enabled = param, torch.device(device), log and self.proc.is_main
+        #: the loaded param, kept to be written with the model (checkpoints); the loop reads its parts, not it
+        self.param = param
+        self.device, self.log_enabled = torch.device(device), log and self.proc.is_main
         self.exp_dir = Path(exp_dir) if exp_dir is not None else None
         self.progress = progress and self.proc.is_main
-        torch.manual_seed(param.VAR.seed)  # the model's initial weights
-        #: the run's parts from the composition root (the same build as the Predictor's)
-        self.parts = build(param)
+        #: the run's parts from the composition root (the same build as the Predictor's); the model's initial
+        #: weights drawn after seeding with ``VAR.seed``
+        self.parts = build(param, seed_weights=True)
+        self.settings = settings = self.parts.settings
         self.backend, self.loss, self.task = self.parts.backend, self.parts.loss, self.parts.task
+        self.protocol = self.parts.protocol
         self.model = self.parts.model.to(self.device)
         self._ddp = None  # DDP wrapper of self.model in a distributed run, made by fit()
-        self._grad_clip = grad_clip_norm(param)
-        opt_cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[param.HyperParameter.optimizer]
-        self.optimizer = opt_cls(self.model.parameters(), **param.HyperParameter.opt_param.to_dict())
-        self.lr_scheduler = build_lr_scheduler(param, self.optimizer)
+        opt_cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}[settings.optimizer]
+        self.optimizer = opt_cls(self.model.parameters(), **settings.opt_param)
+        self.lr_scheduler = build_lr_scheduler(settings, self.optimizer)
+        #: the weights' moving average for evaluation and model.pt (``VAR.train.ema``), or None
+        self.ema = WeightAverage(self.model, settings.ema) if settings.ema else None
         self.simulator = self.parts.simulator
         self.frame_scale, self.matcher = self.parts.frame_scale, self.parts.matcher
         self.epoch = 0
@@ -183,6 +189,7 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "partial_epoch": self._partial,
             "planned_epochs": self.planned_epochs,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "param": self.param.to_dict(),
         }
 
@@ -197,6 +204,11 @@ class Trainer:
                 "Resume with the experiment's own param_run.yaml (architecture, channels_in, VAR.scales, VAR.model "
                 "and the optimiser must match).") from None
         self.task.load_loss_state(state.get("loss") or {})
+        if self.ema is not None:  # a checkpoint without one (the average switched on now): it starts here
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema = WeightAverage(self.model, self.settings.ema)
         self.epoch = int(state["epoch"])
         self.planned_epochs = state.get("planned_epochs")
         if self.planned_epochs and hasattr(self.lr_scheduler, "set_epochs"):
@@ -209,8 +221,9 @@ class Trainer:
         if not self.proc.is_main:
             return  # every rank holds the same state; rank 0 writes it
         ckpt_io.save_checkpoint(self.exp_dir / "ckpt.pt", self.state_dict())
-        ckpt_io.save_model(self.exp_dir / "model.pt", self.model, self.param)
-        update_card(self.exp_dir / "model.pt", self.param, *self._card_calibration)
+        with self.averaged():  # model.pt: the weights evaluation scored
+            ckpt_io.save_model(self.exp_dir / "model.pt", self.model, self.param)
+        update_card(self.exp_dir / "model.pt", self.parts.camera_record, *self._card_calibration)
 
     # ------------------------------------------------------------------------------ data
     def batch(self, n: int, seed):
@@ -223,13 +236,13 @@ class Trainer:
 
     def step_data_seed(self, step: int):
         """The data seed(s) of ``step`` of the current epoch on this process."""
-        return self.proc.data_seed(self.param.VAR.seed, self.epoch, step, self.param.HyperParameter.batch_size)
+        return self.proc.data_seed(self.settings.seed, self.epoch, step, self.settings.batch_size)
 
     def test_set(self):
         """The seeded test set of the evaluation protocol (:mod:`decode_var.evaluation.protocol`), made once:
         (Batch, frames on the device, targets on the device)."""
         if self._test is None:
-            self._test = self.batch(test_set_size(self.param), test_set_seed(self.param))
+            self._test = self.batch(self.protocol.size(), self.protocol.seed)
         return self._test
 
     # ------------------------------------------------------------------------------ loop
@@ -241,7 +254,7 @@ class Trainer:
         kept in the checkpoint, so a resumed run ends where it was planned to. A later epoch that would
         overrun the budget is not started. ``clock``: the budget's clock (tests).
         """
-        epochs = self.planned_epochs or (self.param.HyperParameter.epochs if epochs is None else epochs)
+        epochs = self.planned_epochs or (self.settings.epochs if epochs is None else epochs)
         budget = TimeBudget(minutes, clock) if minutes else None
         if self.proc.active and self._ddp is None:
             self._ddp = wrap_model(self.model, self.proc)  # after any resume: starts from rank 0's weights
@@ -270,10 +283,11 @@ class Trainer:
         """The post-hoc factors of the predicted sigmas, fitted on held-out simulated sets once training is
         complete (:func:`decode_var.evaluation.uncertainty.calibrate_sigma`; every rank holds the same model
         and draws the same sets), saved in ``model.pt`` and the model card."""
-        record = calibrate_sigma(self.parts, epoch=self.epoch)
+        with self.averaged():  # the weights model.pt holds (the factors are no averaged weight)
+            record = calibrate_sigma(self.parts, epoch=self.epoch)
         if self.proc.is_main and self.exp_dir is not None:
             self.save()
-            update_card(self.exp_dir / "model.pt", self.param, sigma=record)
+            update_card(self.exp_dir / "model.pt", self.parts.camera_record, sigma=record)
             cover = ", ".join(f"{axis} {'n/a' if c is None else f'{c:.2f}'}"
                               for axis, c in zip("xyz", (record.cover_x, record.cover_y, record.cover_z)))
             note(f"sigma calibration: factors x {record.scale_x:.3g}, y {record.scale_y:.3g}, z {record.scale_z:.3g}; "
@@ -303,8 +317,8 @@ class Trainer:
         """One epoch (or the rest of one, after a mid-epoch resume). Returns its history entry."""
         t0 = time.perf_counter()
         tf = self.task.start_epoch(self.epoch)
-        hp = self.param.HyperParameter
-        steps = max(hp.pseudo_ds_size // (hp.batch_size * self.proc.world_size), 1)
+        st = self.settings
+        steps = max(st.pseudo_ds_size // (st.batch_size * self.proc.world_size), 1)
         part = EpochProgress(**self._partial) if self._partial else EpochProgress()
         self._partial = None
         self.model.train()
@@ -327,7 +341,7 @@ class Trainer:
     def _batches(self, steps: range):
         """``(step, (frames, targets))`` of the epoch's steps: made in a background thread during the
         previous step when ``VAR.train.prefetch`` asks for it (the batches are the same either way)."""
-        bs = self.param.HyperParameter.batch_size
+        bs = self.settings.batch_size
 
         def make(step):
             return self.batch(bs, self.step_data_seed(step))[1:]
@@ -340,14 +354,14 @@ class Trainer:
     def prefetch(self) -> bool:
         """``VAR.train.prefetch``: true, false, or auto (on when the model trains on a GPU); never with a
         simulator that draws from the global RNG (the ``decode`` backend's camera)."""
-        choice = self.param.VAR.train.prefetch
+        choice = self.settings.prefetch
         wanted = self.device.type != "cpu" if choice == "auto" else bool(choice)
         return wanted and self.simulator.thread_safe
 
     def train_step(self, step: int, data) -> "StepResult":
         """One optimiser step of the current epoch (or a skipped batch, with the reason); ``data``: the
         step's (frames, targets), from :meth:`_batches`."""
-        seed = self.proc.step_seed(self.param.VAR.seed, self.epoch, step)
+        seed = self.proc.step_seed(self.settings.seed, self.epoch, step)
         torch.manual_seed(seed)  # dropout, and coins of models without a generator
         self.task.seed_step(seed)  # the model's own coins: a function of (seed, epoch, step, rank)
         frames, tgt = data
@@ -365,11 +379,13 @@ class Trainer:
             result.skip("non-finite loss on another rank")
         else:
             result.loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             if not torch.isfinite(gnorm):
                 result.skip("gradient norm is not finite")
             else:
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
         return result
 
     def _skip(self, part: EpochProgress, step: int, result: "StepResult") -> None:
@@ -380,7 +396,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if result.warn_every_rank or self.proc.is_main:
             warn(f"{self.proc.rank_tag}epoch {self.epoch} step {step}: skipped batch ({result.skip_reason})")
-        if part.in_row >= self.param.VAR.train.max_nonfinite_in_row:
+        if part.in_row >= self.settings.max_nonfinite_in_row:
             raise TrainingDiverged(
                 f"{part.in_row} non-finite batches in a row (epoch {self.epoch}, step {step}); last: "
                 f"{result.skip_reason}. Training stopped; the last good checkpoint {self.exp_dir / 'ckpt.pt'} is "
@@ -396,13 +412,13 @@ class Trainer:
 
     def _finish_epoch(self, part: EpochProgress, tf: float, t0: float) -> dict:
         """Epoch means, test evaluation, adaptive-weight update, LR step: the history entry."""
-        hp, var = self.param.HyperParameter, self.param.VAR
+        st = self.settings
         sums = self._rank_mean(part.sums)  # all ranks' losses, so the channel weights stay identical
         mean = [v / max(part.n_ok, 1) for v in sums] if sums is not None else [float("nan")] * 7
         entry = EpochLog(epoch=self.epoch, train_loss=mean[0], test_loss=float("nan"), teacher_forcing=tf,
                          active_scales=self.task.active_scales or 1, lr=self.optimizer.param_groups[0]["lr"],
                          skipped_batches=part.skipped)
-        if (self.epoch + 1) % var.train.eval_every == 0 or self.epoch + 1 >= hp.epochs:
+        if (self.epoch + 1) % st.eval_every == 0 or self.epoch + 1 >= st.epochs:
             # rank 0's numbers everywhere: the LR schedule may depend on them
             entry.test_loss, entry.components, entry.metrics = self.proc.broadcast(self.evaluate())
         entry.channel_weights, entry.scale_weights = self.task.end_epoch(
@@ -431,8 +447,17 @@ class Trainer:
             gc.collect()
 
     # ------------------------------------------------------------------------------ evaluation
-    @torch.no_grad()
+    def averaged(self):
+        """The model with the weights' moving average in place (``VAR.train.ema``); as it is without one."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext(self.model)
+
     def evaluate(self, batch_size: int = 64):
+        """:meth:`_evaluate` with the weights that are saved (the moving average, ``VAR.train.ema``)."""
+        with self.averaged():
+            return self._evaluate(batch_size)
+
+    @torch.no_grad()
+    def _evaluate(self, batch_size: int = 64):
         """Test loss (all active scales), its components, and localization metrics of the finest scale.
 
         ``metrics['loss_fixed']``: the task's test loss of a definition that does not change during the
@@ -451,7 +476,7 @@ class Trainer:
         metrics = {}
         em_out = self.task.postprocess(torch.cat(outs, 0))
         if em_out is not None:  # the protocol's score, CRLB ratios included (deterministic: no random draw)
-            metrics, _ = score(self.param, self.backend, self.matcher, em_out, ground_truth(self.param, batch))
+            metrics, _ = self.protocol.score(self.backend, self.matcher, em_out, self.protocol.ground_truth(batch))
             self._card_calibration = (precision_calibration(metrics), self.epoch + 1)
         if fixed[0] is not None:  # the test loss of a fixed definition, next to the optimised one
             metrics["loss_fixed"] = float(torch.cat(fixed).mean())
@@ -496,7 +521,7 @@ class Trainer:
     def _write_history(self) -> None:
         """history.json and training_curves.png from ``self.history`` (the checkpoint's, after a resume)."""
         atomic_write_text(self.exp_dir / "history.json", json.dumps(self.history, indent=1, default=float))
-        if self.param.VAR.train.plot:
+        if self.settings.plot:
             plot_training_curves(self.history, self.exp_dir / "training_curves.png")
 
 
