@@ -196,11 +196,11 @@ def test_a_bigtiff_over_4_gb_is_read_at_its_far_end(tmp_path):
     first and last frames and a block across the mark, without reading the rest."""
     t, h, w = 8300, 512, 512  # 4.35 GB of uint16
     path = tmp_path / "big.tif"
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for k in range(0, t, 500):
-            n = min(500, t - k)
-            block = np.broadcast_to(np.arange(k, k + n, dtype=np.uint16)[:, None, None], (n, h, w))
-            tw.write(block, contiguous=True)
+    stack = tifffile.memmap(path, shape=(t, h, w), dtype=np.uint16, bigtiff=True)  # one series, written in place
+    for k in range(0, t, 500):
+        stack[k:k + 500] = np.arange(k, min(k + 500, t), dtype=np.uint16)[:, None, None]
+    stack.flush()
+    del stack
     assert path.stat().st_size > 4 * 2 ** 30
     with TiffStack(path) as s:
         assert len(s) == t and s.shape == (t, h, w)
